@@ -147,6 +147,29 @@ def test_random_match_is_uniform_over_allowed_slots():
     assert chi2 < 16.3  # p = 0.001 at 3 degrees of freedom
 
 
+def test_first_argmax_equals_argmax_with_ties_and_empty_rows():
+  rs = np.random.RandomState(0)
+  scores = rs.randint(0, 4, (3, 5, 7)).astype(np.float32)  # many ties
+  scores[0, 0] = -np.inf  # a row without any allowed slot
+  scores[1, 2, 3] = np.inf
+  np.testing.assert_array_equal(jax.jit(contrastive.first_argmax)(scores),
+                                np.argmax(scores, axis=-1))
+
+
+def test_hard_match_of_a_batch_equals_per_image_matches():
+  rs = np.random.RandomState(4)
+  pos, neg = rs.rand(3, K, M) < 0.3, rs.rand(3, K, M) < 0.3
+  anchor_emb = rs.randn(3, K, 8).astype(np.float32)
+  pool_emb = rs.randn(3, M, 8).astype(np.float32)
+  match = jax.jit(lambda pos, neg, a, p: contrastive.match_triplets(
+      None, pos, neg, strategy='hard', anchor_embeddings=a, pool_embeddings=p))
+  batched = match(pos, neg, anchor_emb, pool_emb)
+  for image in range(3):
+    single = match(pos[image], neg[image], anchor_emb[image], pool_emb[image])
+    for got, want in zip(batched, single):
+      np.testing.assert_array_equal(got[image], want)
+
+
 @pytest.mark.parametrize('distance', contrastive.DISTANCES)
 def test_hard_match_picks_farthest_positive_and_closest_negative(distance):
   rs = np.random.RandomState(3)
