@@ -35,7 +35,8 @@ def base_config() -> ml_collections.ConfigDict:
   config.data.eval_crop_size = ()  # () = crop_size; padding is ignored by the metrics
   config.data.cache = True
   config.data.shuffle_buffer = 1000
-  config.data.prefetch = 2
+  config.data.prefetch = 2  # host-side tf.data batches
+  config.data.device_prefetch = 2  # batches already on the devices while a step runs
   config.data.threads = 0  # 0 = tf.data default
   config.data.augment = ml_collections.ConfigDict()
   config.data.augment.min_scale = 0.5
@@ -124,6 +125,9 @@ def validate(config, num_devices: int) -> None:
   if unknown_axes:
     raise ValueError(f'config.mesh.axes {tuple(config.mesh.axes)} has unknown axes '
                      f'{sorted(unknown_axes)}; valid: data, fsdp')
+  for name in ('prefetch', 'device_prefetch'):
+    if config.data[name] < 0:
+      raise ValueError(f'config.data.{name}={config.data[name]} must be >= 0')
   if config.num_steps <= 0:
     raise ValueError(f'config.num_steps={config.num_steps} must be positive')
   height, width = config.data.crop_size

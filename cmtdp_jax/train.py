@@ -131,7 +131,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
   eval_source = pipeline.open_split(config.data, config.data.eval_split or spec.eval_split,
                                      config.tasks)
   batches = pipeline.global_batches(
-      pipeline.train_dataset(train_source, config, start_step), batch_sharding)
+      pipeline.train_dataset(train_source, config, start_step), batch_sharding,
+      config.data.device_prefetch)
   preemption = _Preemption(checkpointer)
   logging.info('Training %s on %s for %d steps (from %d), %d devices, global batch %d',
                config.model.framework, spec.name, config.num_steps, start_step,

@@ -14,9 +14,11 @@ import pathlib
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 import scipy.io
+from jax.sharding import NamedSharding, PartitionSpec as P
 from PIL import Image
 
 tf = pytest.importorskip('tensorflow')
@@ -317,6 +319,24 @@ def test_variable_sizes_pad_to_the_eval_size(tmp_path):
   (batch,) = list(pipeline.eval_dataset(source, config).as_numpy_iterator())
   assert batch['image'].shape == (3, 16, 16, 3) and batch['normals'].shape == (3, 16, 16, 3)
   assert (batch['semseg'][1, 14:] == 255).all() and (batch['semseg'][1, :, 10:] == 255).all()
+
+
+@pytest.mark.parametrize('device_prefetch', [0, 1, 3, 10])
+def test_device_prefetch_keeps_order_and_runs_ahead(monkeypatch, device_prefetch):
+  images = np.arange(5 * 8 * 2, dtype=np.float32).reshape(5, 8, 2)
+  ds = tf.data.Dataset.from_tensor_slices({'image': images})
+  converted = []
+  to_global = pipeline.to_global
+  monkeypatch.setattr(pipeline, 'to_global',
+                      lambda batch, sharding: converted.append(1) or to_global(batch, sharding))
+  mesh = jax.make_mesh((jax.device_count(),), ('data',))
+  batches = pipeline.global_batches(ds, NamedSharding(mesh, P('data')), device_prefetch)
+  seen = []
+  for batch in batches:
+    # Conversions run ahead of what was consumed, up to the end of the data.
+    assert len(converted) == min(len(seen) + 1 + device_prefetch, len(images))
+    seen.append(np.asarray(batch['image']))
+  np.testing.assert_array_equal(np.stack(seen), images)
 
 
 def test_train_augmentation_keeps_real_labels_consistent(tmp_path):

@@ -9,6 +9,7 @@ would have seen, skipping only undecoded records.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 
 import jax
@@ -169,6 +170,16 @@ def to_global(batch: dict[str, np.ndarray], sharding) -> dict[str, jax.Array]:
   return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), batch)
 
 
-def global_batches(ds: tf.data.Dataset, sharding):
+def global_batches(ds: tf.data.Dataset, sharding, device_prefetch: int = 2):
+  """Global arrays of `ds`'s host-local batches, `device_prefetch` batches ahead.
+
+  Transfers are asynchronous: while the train step runs on one batch, the next
+  ones are already being copied to the devices (Flax's `prefetch_to_device`).
+  """
+  ready = collections.deque()
   for batch in ds.as_numpy_iterator():
-    yield to_global(batch, sharding)
+    ready.append(to_global(batch, sharding))
+    if len(ready) > device_prefetch:
+      yield ready.popleft()
+  while ready:
+    yield ready.popleft()
