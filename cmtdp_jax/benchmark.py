@@ -162,6 +162,29 @@ def _peak_memory(device) -> int | None:
   return None if not stats else stats.get('peak_bytes_in_use')
 
 
+def residual_bytes(fn, *args) -> int:
+  """Bytes of the arrays `jax.vjp(fn, *args)` keeps for the backward pass.
+
+  Shapes only (nothing runs), so it is the same on every backend; it is what
+  rematerialisation (`config.model.remat`) shrinks.
+  """
+  residuals = jax.eval_shape(lambda *a: jax.vjp(fn, *a)[1], *args)
+  return int(sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(residuals)))
+
+
+def activation_bytes_per_image(config, trainer, state) -> int:
+  """Forward activations the train step keeps for its backward pass, per image:
+  the VJP residuals at batch 2 minus batch 1, so parameters are not counted."""
+  def loss(params, batch_stats, batch):
+    return steps.compute_losses(trainer, params, batch_stats, batch, jax.random.key(0))[0]
+
+  def at_batch(size):
+    batch = jax.eval_shape(lambda: synthetic_batch(config, size, config.data.crop_size))
+    return residual_bytes(loss, state.params, state.batch_stats, batch)
+
+  return at_batch(2) - at_batch(1)
+
+
 def build(config, mesh):
   """(model, trainer, state, train step, predict step) of `config` on `mesh`, as train.py."""
   spec = data_lib.get_dataset_spec(config.data.name)
@@ -180,9 +203,13 @@ def build(config, mesh):
   return model, trainer, state, train_step, predict_step
 
 
-def benchmark_variant(config, mesh, num_steps: int, warmup: int, pipelined: bool) -> dict:
-  """Times the train step, then the predict step, of one config."""
-  _, _, state, train_step, predict_step = build(config, mesh)
+def benchmark_variant(config, mesh, num_steps: int, warmup: int, pipelined: bool,
+                      profile_dir: str | None = None) -> dict:
+  """Times the train step, then the predict step, of one config.
+
+  With `profile_dir`, the pipelined steps are also recorded by `jax.profiler`.
+  """
+  _, trainer, state, train_step, predict_step = build(config, mesh)
   batch = jax.device_put(synthetic_batch(config, config.batch_size, config.data.crop_size),
                          sharding.batch_sharding(mesh))
   result = {'params_trained': _count(state.params)}
@@ -209,6 +236,11 @@ def benchmark_variant(config, mesh, num_steps: int, warmup: int, pipelined: bool
         jax.block_until_ready(state)
         result['images_per_s_pipelined'] = num_steps * config.batch_size / (
             time.perf_counter() - start)
+        if profile_dir:
+          with jax.profiler.trace(profile_dir):
+            for _ in range(num_steps):
+              one_step()
+            jax.block_until_ready(state)
   stats = step_stats(seconds)
   train = {'step_time_s': stats, 'images_per_s': config.batch_size / stats['median'],
            'first_call_s': first_call, 'compile_s': max(first_call - stats['median'], 0.0),
@@ -216,6 +248,7 @@ def benchmark_variant(config, mesh, num_steps: int, warmup: int, pipelined: bool
            'jit_cache_size': train_step._cache_size(),  # pylint: disable=protected-access
            'donated_fraction': float(np.mean(donated)),
            'peak_memory_bytes': _peak_memory(mesh.devices.flat[0]),
+           'activation_bytes_per_image': activation_bytes_per_image(config, trainer, state),
            'last_loss': float(jax.device_get(metrics['loss/total']))}
   train.update(_compiled_summary(train_step.lower(state, batch).compile(), mesh.size))
   train['flops_per_image'] = train['flops'] / config.batch_size
@@ -319,7 +352,8 @@ def _versions() -> dict[str, str]:
 
 def run_benchmark(config, num_steps: int = 10, warmup: int = 2, *, pipeline: bool = True,
                   evaluation: bool = True, compare_torch: bool = False, eval_images: int = 16,
-                  edge_workers: int = 0, config_name: str = '') -> dict:
+                  edge_workers: int = 0, config_name: str = '',
+                  profile_dir: str | None = None) -> dict:
   """Runs every measurement of the module docstring; returns the JSON-able results."""
   mesh = sharding.make_mesh(config.mesh)
   config_lib.validate(config, sharding.data_parallel_size(mesh))
@@ -340,7 +374,8 @@ def run_benchmark(config, num_steps: int = 10, warmup: int = 2, *, pipeline: boo
       'steps': num_steps, 'warmup': warmup,
   }
   variants = {'with_regularizer' if regularized else 'without_regularizer':
-              benchmark_variant(config, mesh, num_steps, warmup, pipelined=True)}
+              benchmark_variant(config, mesh, num_steps, warmup, pipelined=True,
+                                profile_dir=profile_dir)}
   if len(config.tasks) >= 2:
     other = config.copy_and_resolve_references()
     with other.unlocked():
@@ -467,6 +502,8 @@ def format_report(results) -> str:
       ('peak device memory', lambda c: _si(c['train']['peak_memory_bytes'], 'B')),
       ('XLA temp buffers', lambda c: _si((c['train']['memory_plan_bytes'] or {}).get('temp'),
                                          'B')),
+      ('activations kept / image', lambda c: _si(c['train']['activation_bytes_per_image'],
+                                                 'B')),
       ('XLA convolutions / transposes', lambda c: f"{c['train']['convolutions']} / "
                                                   f"{c['train']['transposes']}"),
       ('state donated / host callbacks', lambda c: f"{c['train']['donated_fraction']:.0%} / "
@@ -529,6 +566,8 @@ flags.DEFINE_integer('eval_images', 16, 'Images for the evaluation metrics.')
 flags.DEFINE_integer('edge_workers', 0, 'Processes of the odsF evaluation (0: all cores).')
 flags.DEFINE_bool('compare_torch', False, 'Also time the PyTorch reference model (run from '
                   'the repository root).')
+flags.DEFINE_string('profile_dir', None, 'Record the timed steps with jax.profiler into this '
+                    'folder (view with `xprof --logdir DIR` or TensorBoard\'s profile plugin).')
 flags.mark_flags_as_required(['config'])
 
 
@@ -540,7 +579,7 @@ def main(argv):
     results = run_benchmark(FLAGS.config, FLAGS.steps, FLAGS.warmup, pipeline=FLAGS.pipeline,
                             evaluation=FLAGS.evaluation, compare_torch=FLAGS.compare_torch,
                             eval_images=FLAGS.eval_images, edge_workers=FLAGS.edge_workers,
-                            config_name=config_name)
+                            config_name=config_name, profile_dir=FLAGS.profile_dir)
   except ValueError as e:
     sys.exit(f'error: {e}')
   print(format_report(results), flush=True)

@@ -53,6 +53,9 @@ def base_config() -> ml_collections.ConfigDict:
   config.model.backbone_kwargs = ml_collections.ConfigDict({'width': 16, 'blocks': 1})
   config.model.head_channels = ml_collections.FieldReference(None, field_type=int)
   config.model.dtype = 'float32'  # compute dtype; params stay float32
+  # Recompute the backbone's blocks in the backward pass: less activation memory for
+  # about one more forward pass of compute (HRNet-48 at large batches).
+  config.model.remat = False
   # .npz from `python -m cmtdp_jax.tools.convert_weights`, loaded into the backbone of a
   # fresh run (not on resume).
   config.model.pretrained = ''

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
+from cmtdp_jax import benchmark
 from cmtdp_jax.models import backbones, convert, layers
 from cmtdp_jax.tools import convert_weights
 
@@ -309,3 +310,52 @@ def test_train_mode_updates_every_batch_norm(name):
           variables, jax.ShapeDtypeStruct((2, 64, 64, 3), jnp.float32))
   assert len(updates.jaxpr.outvars) == len(jax.tree.leaves(variables['batch_stats']))
   assert not set(updates.jaxpr.outvars) & set(updates.jaxpr.invars)
+
+
+def _activation_bytes(module, variables, shape):
+  """Bytes the backward pass keeps from the forward for one image (VJP residuals at
+  two batch sizes: the difference leaves out the parameters)."""
+  def loss(variables, x):
+    outputs, _ = module.apply(variables, x, train=True, mutable=['batch_stats'])
+    return sum(jnp.sum(o) for o in outputs)
+
+  return (benchmark.residual_bytes(loss, variables, jax.ShapeDtypeStruct((2, *shape[1:]),
+                                                                          jnp.float32)) -
+          benchmark.residual_bytes(loss, variables, jax.ShapeDtypeStruct((1, *shape[1:]),
+                                                                          jnp.float32)))
+
+
+@pytest.mark.parametrize('name,reduction', [
+    ('hrnet_w18_small_v2', 3.0), ('resnet50', 3.0), ('compact', 1.4)])
+def test_remat_keeps_variables_and_stores_fewer_activations(name, reduction):
+  shape = (2, 64, 64, 3)
+  module, (outputs, variables) = _abstract_init(name, shape=shape)
+  remat_module, (remat_outputs, remat_variables) = _abstract_init(name, shape=shape, remat=True)
+  # Same names and shapes: checkpoints and converted ImageNet weights load either way.
+  assert jax.tree.map(lambda v: v.shape, variables) == jax.tree.map(
+      lambda v: v.shape, remat_variables)
+  assert [o.shape for o in outputs] == [o.shape for o in remat_outputs]
+  stored = _activation_bytes(module, variables, shape)
+  assert _activation_bytes(remat_module, variables, shape) * reduction < stored
+
+
+def test_remat_gives_the_same_gradients():
+  images = jax.random.normal(jax.random.key(1), (4, 64, 64, 3))
+  grads = []
+  for remat in (False, True):
+    module = backbones.get_backbone('compact', width=8, blocks=2, remat=remat)
+    variables = module.init(jax.random.key(0), images, train=False)
+
+    def loss(params, x):
+      outputs, _ = module.apply({**variables, 'params': params}, x, train=True,
+                                mutable=['batch_stats'])
+      return sum(jnp.sum(o ** 2) for o in outputs)
+
+    grads.append(jax.jit(jax.grad(loss), compiler_options={'xla_backend_optimization_level': 0})(
+        variables['params'], images))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), *grads)
+
+
+def test_backbone_rejects_unknown_options_in_one_line():
+  with pytest.raises(ValueError, match="backbone 'compact' does not take the options"):
+    backbones.get_backbone('compact', depth=3)

@@ -14,6 +14,7 @@ import pytest
 from cmtdp_jax import benchmark
 from cmtdp_jax import data as data_lib
 from cmtdp_jax import models
+from cmtdp_jax import steps
 from tests.conftest import tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -23,7 +24,8 @@ def test_cli_compiles_each_step_once_and_writes_json(tmp_path):
   out = tmp_path / 'bench.json'
   cmd = [sys.executable, '-m', 'cmtdp_jax.benchmark', '--config=configs/synthetic.py:smoke',
          '--steps=3', '--warmup=1', f'--json={out}', "--config.tasks=('semseg','edge')",
-         '--nopipeline', '--eval_images=2', '--edge_workers=1', '--compare_torch']
+         '--nopipeline', '--eval_images=2', '--edge_workers=1', '--compare_torch',
+         f'--profile_dir={tmp_path / "profile"}']
   # Two devices: a sharding mismatch between steps would only show with several.
   env = dict(os.environ, JAX_NUM_CPU_DEVICES='2')
   proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
@@ -45,6 +47,8 @@ def test_cli_compiles_each_step_once_and_writes_json(tmp_path):
                   train['flops_per_image'], train['achieved_flops_per_s_per_device'],
                   inference['images_per_s'], inference['flops_per_image']):
       assert value > 0
+    assert train['activation_bytes_per_image'] > 0
+  assert list((tmp_path / 'profile').rglob('*.xplane.pb'))  # the jax.profiler trace
   assert results['inference_equal'] == {'flops': True, 'params': True, 'memory_plan': True}
   assert results['regularizer_overhead']['step_time_ratio'] > 0
   assert results['regularizer_overhead']['extra_trained_params'] > 0
@@ -52,6 +56,21 @@ def test_cli_compiles_each_step_once_and_writes_json(tmp_path):
   assert results['evaluation']['images_per_s_per_task']['edge'] > 0
   assert results['input_pipeline'] == {'skipped': 'off'}
   assert 'skipped' in results['torch']  # no PyTorch reference of the compact backbone
+
+
+def test_remat_keeps_fewer_activations_in_the_train_step():
+  config = tiny_config('')
+  kept = {}
+  for remat in (False, True):
+    config.model.remat = remat
+    model = models.get_model(config.model, config.tasks,
+                             data_lib.get_dataset_spec(config.data.name).num_classes)
+    trainer = steps.make_trainer(config, model, config.num_steps)
+    state = jax.eval_shape(functools.partial(
+        steps.init_state, trainer, image_shape=(config.batch_size, *config.data.crop_size, 3)),
+        steps.init_key(0))
+    kept[remat] = benchmark.activation_bytes_per_image(config, trainer, state)
+  assert 0 < kept[True] < kept[False]
 
 
 def test_no_tensorflow_outside_the_pipeline_part():

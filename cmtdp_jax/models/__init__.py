@@ -37,8 +37,10 @@ def get_model(model_config, task_names: Sequence[str], num_classes: dict[str, in
     raise ValueError(f"unknown config.model.framework '{model_config.framework}'; "
                      f"valid: {', '.join(FRAMEWORKS)}")
   dtype = compute_dtype(model_config.dtype)
-  backbone = get_backbone(model_config.backbone, dtype=dtype,
-                          **dict(model_config.get('backbone_kwargs', {})))
+  options = dict(model_config.get('backbone_kwargs', {}))
+  if model_config.get('remat'):  # only then: registered backbones need not know the option
+    options['remat'] = True
+  backbone = get_backbone(model_config.backbone, dtype=dtype, **options)
   task_channels = tuple((t, tasks_lib.get_task(t).num_outputs(num_classes))
                         for t in task_names)
   return FRAMEWORKS[model_config.framework](

@@ -28,6 +28,17 @@ def batch_norm(train: bool, dtype: Dtype, name: str | None = None,
                       else nn.initializers.ones)
 
 
+def maybe_remat(block_class, remat: bool):
+  """`block_class`, or its rematerialised version when `remat`.
+
+  A rematerialised block keeps only its input for the backward pass and
+  recomputes its activations there: about one more forward pass of compute
+  for much less activation memory (HRNet-48 at large batches). The block must
+  be called as `block(x, train)`, `train` positional.
+  """
+  return nn.remat(block_class, static_argnums=(2,)) if remat else block_class
+
+
 class ConvBN(nn.Module):
   """Conv (no bias) -> BatchNorm -> optional ReLU, NHWC."""
   features: int

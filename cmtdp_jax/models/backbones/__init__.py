@@ -43,7 +43,10 @@ def get_backbone(name: str, dtype=jnp.float32, **kwargs) -> nn.Module:
   """Builds backbone `name` computing in `dtype` (parameters stay float32)."""
   if name not in BACKBONES:
     raise ValueError(f"unknown backbone '{name}'; valid: {', '.join(sorted(BACKBONES))}")
-  return BACKBONES[name](dtype=dtype, **kwargs)
+  try:
+    return BACKBONES[name](dtype=dtype, **kwargs)
+  except TypeError as e:
+    raise ValueError(f"backbone '{name}' does not take the options {kwargs}: {e}") from e
 
 
 def count_params(name: str, **kwargs) -> int:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import flax.linen as nn
 import jax.numpy as jnp
 
-from cmtdp_jax.models.layers import ConvBN, Dtype
+from cmtdp_jax.models.layers import ConvBN, Dtype, maybe_remat
 
 
 class BasicBlock(nn.Module):
@@ -36,6 +36,7 @@ class CompactBackbone(nn.Module):
   width: int = 16
   blocks: int = 1
   dtype: Dtype = jnp.float32
+  remat: bool = False  # recompute each BasicBlock in the backward pass
 
   @property
   def feature_channels(self) -> tuple[int, ...]:
@@ -46,10 +47,11 @@ class CompactBackbone(nn.Module):
     x = ConvBN(self.width, 3, 2, dtype=self.dtype, name='stem1')(images, train)
     x = ConvBN(self.width, 3, 2, dtype=self.dtype, name='stem2')(x, train)
     outputs = []
+    block_class = maybe_remat(BasicBlock, self.remat)
     for scale, channels in enumerate(self.feature_channels):
       for block in range(self.blocks):
         stride = 2 if scale > 0 and block == 0 else 1
-        x = BasicBlock(channels, stride, self.dtype,
+        x = block_class(channels, stride, self.dtype,
                        name=f'stage{scale + 1}_block{block + 1}')(x, train)
       outputs.append(x)
     return outputs

@@ -15,7 +15,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from cmtdp_jax.models.backbones.resnet import BasicBlock, Bottleneck, conv
-from cmtdp_jax.models.layers import Dtype, batch_norm, resize_to
+from cmtdp_jax.models.layers import Dtype, batch_norm, maybe_remat, resize_to
 
 UPSAMPLE_METHODS = ('bilinear', 'nearest')
 
@@ -72,6 +72,8 @@ class HRNet(nn.Module):
       prediction codebases (HRNet-Semantic-Segmentation, ATRC, MTL-PyTorch) do,
       so any input size works; 'nearest' is the classification model's
       nn.Upsample and is exact only for inputs divisible by 32.
+    remat: recompute every layer1 bottleneck and HighResolutionModule in the
+      backward pass instead of storing its activations (`layers.maybe_remat`).
   """
   widths: tuple[int, ...]
   stage1_blocks: int
@@ -79,6 +81,7 @@ class HRNet(nn.Module):
   num_blocks: int
   upsample: str = 'bilinear'
   dtype: Dtype = jnp.float32
+  remat: bool = False
 
   @property
   def feature_channels(self) -> tuple[int, ...]:
@@ -118,24 +121,28 @@ class HRNet(nn.Module):
     x = nn.relu(batch_norm(train, self.dtype, 'bn1')(x))
     x = conv(64, 3, 2, dtype=self.dtype, name='conv2')(x)
     x = nn.relu(batch_norm(train, self.dtype, 'bn2')(x))
+    bottleneck = maybe_remat(Bottleneck, self.remat)
+    module = maybe_remat(HighResolutionModule, self.remat)
     for b in range(self.stage1_blocks):
-      x = Bottleneck(64, downsample=b == 0, dtype=self.dtype, name=f'layer1_{b}')(x, train)
+      x = bottleneck(64, downsample=b == 0, dtype=self.dtype, name=f'layer1_{b}')(x, train)
     xs, in_channels = [x], (64 * Bottleneck.expansion,)
     for stage, modules in enumerate(self.num_modules, start=2):
       channels = tuple(self.widths[:stage])
       xs = self._transition(xs, in_channels, channels, f'transition{stage - 1}', train)
       for m in range(modules):
-        xs = HighResolutionModule(channels, self.num_blocks, self.upsample,
-                                  self.dtype, name=f'stage{stage}_{m}')(xs, train)
+        xs = module(channels, self.num_blocks, self.upsample, self.dtype,
+                    name=f'stage{stage}_{m}')(xs, train)
       in_channels = channels
     return xs
 
 
-def hrnet_w18_small_v2(dtype: Dtype = jnp.float32, upsample: str = 'bilinear') -> HRNet:
+def hrnet_w18_small_v2(dtype: Dtype = jnp.float32, upsample: str = 'bilinear',
+                       remat: bool = False) -> HRNet:
   return HRNet((18, 36, 72, 144), stage1_blocks=2, num_modules=(1, 3, 2), num_blocks=2,
-               upsample=upsample, dtype=dtype)
+               upsample=upsample, dtype=dtype, remat=remat)
 
 
-def hrnet_w48(dtype: Dtype = jnp.float32, upsample: str = 'bilinear') -> HRNet:
+def hrnet_w48(dtype: Dtype = jnp.float32, upsample: str = 'bilinear',
+              remat: bool = False) -> HRNet:
   return HRNet((48, 96, 192, 384), stage1_blocks=4, num_modules=(1, 4, 3), num_blocks=4,
-               upsample=upsample, dtype=dtype)
+               upsample=upsample, dtype=dtype, remat=remat)

@@ -13,7 +13,7 @@ from typing import ClassVar
 import flax.linen as nn
 import jax.numpy as jnp
 
-from cmtdp_jax.models.layers import Dtype, batch_norm
+from cmtdp_jax.models.layers import Dtype, batch_norm, maybe_remat
 
 # torchvision and HRNet initialise convs with kaiming_normal_(mode='fan_out').
 _CONV_INIT = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
@@ -81,10 +81,13 @@ class ResNet(nn.Module):
 
   `dilated=True` is torchvision's replace_stride_with_dilation=[False, True,
   True]: layer3/layer4 keep stride 8 and dilate instead (output stride 8).
+  `remat=True` recomputes every bottleneck in the backward pass
+  (`layers.maybe_remat`).
   """
   layers: tuple[int, ...]
   dilated: bool = False
   dtype: Dtype = jnp.float32
+  remat: bool = False
 
   @property
   def feature_channels(self) -> tuple[int, ...]:
@@ -99,6 +102,7 @@ class ResNet(nn.Module):
     x = conv(64, 7, 2, dtype=self.dtype, name='conv1')(images)
     x = nn.relu(batch_norm(train, self.dtype, 'bn1')(x))
     x = nn.max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))
+    bottleneck = maybe_remat(Bottleneck, self.remat)
     inplanes, dilation, outputs = 64, 1, []
     for index, blocks in enumerate(self.layers):
       planes, stride = 64 * 2 ** index, 1 if index == 0 else 2
@@ -106,7 +110,7 @@ class ResNet(nn.Module):
       if self.dilated and index >= 2:
         dilation, stride = dilation * stride, 1
       for block in range(blocks):
-        x = Bottleneck(
+        x = bottleneck(
             planes, stride if block == 0 else 1,
             first_dilation if block == 0 else dilation,
             downsample=block == 0 and (stride != 1 or inplanes != planes * Bottleneck.expansion),
@@ -116,9 +120,9 @@ class ResNet(nn.Module):
     return outputs
 
 
-def resnet50(dtype: Dtype = jnp.float32, dilated: bool = False) -> ResNet:
-  return ResNet((3, 4, 6, 3), dilated=dilated, dtype=dtype)
+def resnet50(dtype: Dtype = jnp.float32, dilated: bool = False, remat: bool = False) -> ResNet:
+  return ResNet((3, 4, 6, 3), dilated=dilated, dtype=dtype, remat=remat)
 
 
-def resnet101(dtype: Dtype = jnp.float32, dilated: bool = False) -> ResNet:
-  return ResNet((3, 4, 23, 3), dilated=dilated, dtype=dtype)
+def resnet101(dtype: Dtype = jnp.float32, dilated: bool = False, remat: bool = False) -> ResNet:
+  return ResNet((3, 4, 23, 3), dilated=dilated, dtype=dtype, remat=remat)
