@@ -25,7 +25,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import datetime
-import functools
 import importlib.util
 import json
 import os
@@ -44,7 +43,6 @@ from ml_collections import config_flags
 
 from cmtdp_jax import config_lib
 from cmtdp_jax import data as data_lib
-from cmtdp_jax import models
 from cmtdp_jax import sharding
 from cmtdp_jax import steps
 from cmtdp_jax import tasks as tasks_lib
@@ -187,12 +185,7 @@ def activation_bytes_per_image(config, trainer, state) -> int:
 
 def build(config, mesh):
   """(model, trainer, state, train step, predict step) of `config` on `mesh`, as train.py."""
-  spec = data_lib.get_dataset_spec(config.data.name)
-  model = models.get_model(config.model, config.tasks, spec.num_classes)
-  trainer = steps.make_trainer(config, model, config.num_steps)
-  image_shape = (config.batch_size, *config.data.crop_size, 3)
-  init = functools.partial(steps.init_state, trainer, image_shape=image_shape)
-  abstract = jax.eval_shape(init, steps.init_key(config.seed))
+  model, trainer, init, abstract = steps.build(config)
   state_sharding = sharding.state_shardings(abstract, mesh, config.mesh.fsdp_min_size)
   state = jax.jit(init, out_shardings=state_sharding)(steps.init_key(config.seed))
   batch_sharding = sharding.batch_sharding(mesh)

@@ -24,7 +24,6 @@ import numpy as np
 from cmtdp_jax import checkpointing
 from cmtdp_jax import data as data_lib
 from cmtdp_jax import evaluation
-from cmtdp_jax import models
 from cmtdp_jax import steps
 from cmtdp_jax import tasks as tasks_lib
 from cmtdp_jax.evaluation import report
@@ -180,12 +179,7 @@ def run_name(config) -> str:
 
 def load_predictor(config, workdir: str):
   """(predict(images) -> {task: decoded map}) from the latest checkpoint in `workdir`."""
-  spec = data_lib.get_dataset_spec(config.data.name)
-  model = models.get_model(config.model, config.tasks, spec.num_classes)
-  trainer = steps.make_trainer(config, model, config.num_steps)
-  height, width = config.data.crop_size
-  init = lambda rng: steps.init_state(trainer, rng, (config.batch_size, height, width, 3))
-  abstract = jax.eval_shape(init, jax.random.key(config.seed))
+  model, _, _, abstract = steps.build(config)
   # One device is plenty for a few images, whatever mesh trained the model.
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   shardings = jax.tree.map(lambda _: device, abstract)

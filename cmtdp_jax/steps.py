@@ -11,8 +11,8 @@ projectors of the regularizer cannot change what is deployed.
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
 
 import flax
 import flax.linen as nn
@@ -21,6 +21,8 @@ import jax.numpy as jnp
 import optax
 
 from cmtdp_jax import contrastive
+from cmtdp_jax import data as data_lib
+from cmtdp_jax import models
 from cmtdp_jax import tasks as tasks_lib
 
 
@@ -109,6 +111,25 @@ def init_state(trainer: Trainer, rng, image_shape) -> TrainState:
   return TrainState(step=zero, params=params, batch_stats=variables.get('batch_stats', {}),
                     opt_state=trainer.tx.init(params), nonfinite_steps=zero,
                     nonfinite_streak=zero)
+
+
+class Components(NamedTuple):
+  """What a run builds from its config before any array exists."""
+  model: nn.Module
+  trainer: Trainer
+  init: Callable[[Any], TrainState]  # init_key(seed) -> a fresh state
+  abstract_state: TrainState  # shapes and dtypes of `init`'s output
+
+
+def build(config) -> Components:
+  """Model, trainer and state initialiser of `config`; shared by training,
+  evaluation, the benchmark and the notebook helpers."""
+  spec = data_lib.get_dataset_spec(config.data.name)
+  model = models.get_model(config.model, config.tasks, spec.num_classes)
+  trainer = make_trainer(config, model, config.num_steps)
+  init = functools.partial(init_state, trainer,
+                           image_shape=(config.batch_size, *config.data.crop_size, 3))
+  return Components(model, trainer, init, jax.eval_shape(init, init_key(config.seed)))
 
 
 def dummy_labels(task_names, image_shape):

@@ -26,7 +26,6 @@ from cmtdp_jax import checkpointing
 from cmtdp_jax import config_lib
 from cmtdp_jax import data as data_lib
 from cmtdp_jax import evaluation
-from cmtdp_jax import models
 from cmtdp_jax import sharding
 from cmtdp_jax import steps
 from cmtdp_jax.data import pipeline
@@ -63,12 +62,7 @@ def _setup(config, workdir):
   config_lib.validate(config, sharding.data_parallel_size(mesh))
   _check_writable(workdir)
   spec = data_lib.get_dataset_spec(config.data.name)
-  model = models.get_model(config.model, config.tasks, spec.num_classes)
-  trainer = steps.make_trainer(config, model, config.num_steps)
-  height, width = config.data.crop_size
-  image_shape = (config.batch_size, height, width, 3)
-  init = lambda rng: steps.init_state(trainer, rng, image_shape)
-  abstract = jax.eval_shape(init, steps.init_key(config.seed))
+  model, trainer, init, abstract = steps.build(config)
   state_sharding = sharding.state_shardings(abstract, mesh, config.mesh.fsdp_min_size)
   return mesh, spec, model, trainer, init, abstract, state_sharding
 
