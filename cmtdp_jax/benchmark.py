@@ -22,8 +22,6 @@ make the command exit 1 when one fails.
 
 from __future__ import annotations
 
-import collections
-import contextlib
 import datetime
 import importlib.util
 import json
@@ -67,7 +65,6 @@ PEAK_TFLOPS = (
 
 # Custom calls through which a compiled step would call back into Python.
 _HOST_CALLBACK = re.compile(r'custom_call_target="[^"]*callback[^"]*"')
-_COMPILE_EVENT = '/jax/core/compile/backend_compile_duration'
 
 
 def peak_flops(device_kind: str, dtype: str) -> float | None:
@@ -97,23 +94,6 @@ def synthetic_batch(config, batch_size: int, image_size, seed: int = 0):
     else:  # binary tasks (one output channel) have labels 0 / 1
       batch[name] = rng.integers(0, max(task.num_outputs(num_classes), 2), shape, np.int32)
   return batch
-
-
-@contextlib.contextmanager
-def count_compilations():
-  """Yields a Counter of XLA compilations per jitted function name, e.g. 'jit(train_step)'."""
-  counts = collections.Counter()
-
-  def listener(event, duration_secs, **kwargs):
-    del duration_secs
-    if event == _COMPILE_EVENT:
-      counts[kwargs.get('fun_name', '?')] += 1
-
-  jax.monitoring.register_event_duration_secs_listener(listener)
-  try:
-    yield counts
-  finally:
-    jax.monitoring.unregister_event_duration_listener(listener)
 
 
 def step_stats(seconds) -> dict[str, float]:
@@ -213,7 +193,7 @@ def benchmark_variant(config, mesh, num_steps: int, warmup: int, pipelined: bool
     state, metrics = train_step(state, batch)
     return metrics['loss/total']
 
-  with count_compilations() as compilations:
+  with steps.count_compilations() as compilations:
     first_state = state
     first_call = sum(_timed_calls(one_step, 1))
     donated = [leaf.is_deleted() for leaf in jax.tree.leaves(first_state)]
@@ -257,7 +237,7 @@ def _benchmark_predict(config, mesh, predict_step, state, num_steps, warmup) -> 
                           sharding.batch_sharding(mesh))
   params, batch_stats = state.params['model'], state.batch_stats
   call = lambda: predict_step(params, batch_stats, images)
-  with count_compilations() as compilations:
+  with steps.count_compilations() as compilations:
     first_call = sum(_timed_calls(call, 1))
     with jax.transfer_guard('disallow'):
       _timed_calls(call, warmup)

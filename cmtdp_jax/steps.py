@@ -10,6 +10,8 @@ projectors of the regularizer cannot change what is deployed.
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import functools
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
@@ -212,6 +214,27 @@ def train_step(trainer: Trainer, state: TrainState, batch):
       opt_state=keep(opt_state, state.opt_state),
       nonfinite_steps=state.nonfinite_steps + (~finite).astype(jnp.int32),
       nonfinite_streak=jnp.where(finite, 0, state.nonfinite_streak + 1)), metrics
+
+
+@contextlib.contextmanager
+def count_compilations():
+  """Yields a Counter of XLA compilations per jitted function name, e.g. 'jit(train_step)'.
+
+  A step that compiles more than once (a changed shape, dtype or sharding)
+  silently costs a compile per change; the loop and the benchmark check this.
+  """
+  counts = collections.Counter()
+
+  def listener(event, duration_secs, **kwargs):
+    del duration_secs
+    if event == '/jax/core/compile/backend_compile_duration':
+      counts[kwargs.get('fun_name', '?')] += 1
+
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  try:
+    yield counts
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listener)
 
 
 def make_train_step(trainer: Trainer, state_sharding, batch_sharding, replicated):

@@ -135,7 +135,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
   pending, last_log, last_log_step = [], time.time(), start_step
   results = {}
   try:
-    with jax.set_mesh(mesh):
+    with jax.set_mesh(mesh), steps.count_compilations() as compilations:
       for step in range(start_step + 1, config.num_steps + 1):
         state, metrics = train_step(state, next(batches))
         pending.append(metrics)
@@ -147,6 +147,9 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
           _log_progress(step, config.num_steps, averaged, rate, config.batch_size, writer)
           last_log, last_log_step = now, step
           _check_divergence(state, averaged, step, config.max_nonfinite_streak)
+          if compilations['jit(train_step)'] > 1:
+            logging.warning('step %d: the train step compiled %d times: a batch changed shape, '
+                            'dtype or sharding', step, compilations['jit(train_step)'])
         checkpointer.maybe_save(step, state, force=step == config.num_steps)
         if preemption.reached(step):
           checkpointer.maybe_save(step, state, force=True)
@@ -155,6 +158,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
         if config.eval_every and step % config.eval_every == 0 and step != config.num_steps:
           results = _evaluate_and_write(config, workdir, model, state, eval_source, mesh,
                                         step, writer)
+      logging.info('Train step compilations in this run: %d', compilations['jit(train_step)'])
       results = _evaluate_and_write(config, workdir, model, state, eval_source, mesh,
                                     int(state.step), writer)
   finally:

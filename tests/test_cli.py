@@ -77,6 +77,9 @@ def test_train_writes_eval_json_table_and_checkpoints(runs):
               'human_parts/mIoU'):
     assert key in results and np.isfinite(results[key]), key
   assert 'step 12/12' in runs['first'].stdout
+  # One compilation for the whole run: pipeline batches never change shape or sharding.
+  assert 'Train step compilations in this run: 1' in runs['first'].stderr
+  assert 'the train step compiled' not in runs['first'].stderr
   table = runs['first'].stdout.split('Evaluation at step 12:')[1].splitlines()
   assert any(line.split()[:2] == ['semseg', 'mIoU'] for line in table if line.strip())
   assert sorted(os.listdir(os.path.join(runs['whole'], 'checkpoints'))) == ['12', '6']
