@@ -147,6 +147,19 @@ def test_random_match_is_uniform_over_allowed_slots():
     assert chi2 < 16.3  # p = 0.001 at 3 degrees of freedom
 
 
+def test_random_allowed_slot_picks_allowed_slots_of_batched_masks():
+  rs = np.random.RandomState(5)
+  allowed = rs.rand(3, 5, M) < 0.2
+  allowed[0, 0] = False  # a row without any allowed slot
+  allowed[1, 1] = False
+  allowed[1, 1, M - 1] = True  # a single allowed slot, the last one
+  for seed in range(5):
+    slot = np.asarray(jax.jit(contrastive.random_allowed_slot)(jax.random.key(seed), allowed))
+    assert slot.shape == (3, 5) and slot[0, 0] == M - 1 and slot[1, 1] == M - 1
+    rows = allowed.any(-1)
+    assert np.take_along_axis(allowed, slot[..., None], -1)[..., 0][rows].all()
+
+
 def test_first_argmax_equals_argmax_with_ties_and_empty_rows():
   rs = np.random.RandomState(0)
   scores = rs.randint(0, 4, (3, 5, 7)).astype(np.float32)  # many ties
