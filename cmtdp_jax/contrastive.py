@@ -194,7 +194,7 @@ def pairwise_distance(x, y, distance: str = 'euclidean'):
 
 def first_argmax(scores):
   """`jnp.argmax(scores, -1)` (first index of the maximum) as two plain reductions,
-  which XLA:CPU runs ~2.5x faster than argmax's variadic (value, index) reduce."""
+  which XLA:CPU runs ~2.7x faster than argmax's variadic (value, index) reduce."""
   best = jnp.max(scores, axis=-1, keepdims=True)
   slots = jnp.arange(scores.shape[-1], dtype=jnp.int32)
   return jnp.min(jnp.where(scores == best, slots, scores.shape[-1]), axis=-1)
