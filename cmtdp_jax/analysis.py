@@ -32,6 +32,7 @@ from matplotlib.figure import Figure
 
 from cmtdp_jax import contrastive
 from cmtdp_jax import sharding
+from cmtdp_jax import tasks as tasks_lib
 from cmtdp_jax import train
 from cmtdp_jax.data import pipeline
 
@@ -98,15 +99,14 @@ def _embed(flat_features, pixels, projector):
   """Pixels [B, K] of [B, h * w, C] features, projected (or L2-normalised without projector)."""
   gathered = jnp.take_along_axis(flat_features, pixels[..., None], axis=1)
   if projector is None:
-    return gathered / jnp.maximum(jnp.linalg.norm(gathered, axis=-1, keepdims=True), 1e-12)
+    return tasks_lib.unit_vectors(gathered)
   return contrastive.project(projector, gathered)
 
 
 def _pair_distances(model, pairs, cfg, variables, projectors, images, labels, mask, rng):
   """{pair name: (d_ap, d_an, valid)}, each [B, K], for one batch."""
   _, features = model.apply(variables, images, train=False)
-  distance = jax.vmap(jax.vmap(
-      lambda x, y: contrastive.pairwise_distance(x[None], y[None], cfg.distance)[0, 0]))
+  distance = functools.partial(contrastive.rowwise_distance, distance=cfg.distance)
   out = {}
   for target_index, (target, sources) in enumerate(pairs.items()):
     feats = features[target].astype(jnp.float32)

@@ -111,10 +111,6 @@ class ContrastiveConfig:
                 normals_pos_deg=self.normals_pos_deg, normals_neg_deg=self.normals_neg_deg)
 
 
-def _unit(v, eps=1e-12):
-  return v / jnp.sqrt(jnp.maximum(jnp.sum(v * v, axis=-1, keepdims=True), eps))
-
-
 def pair_masks(source_task: str, anchor_labels, candidate_labels, *, depth_pos=0.05,
                depth_neg=0.2, normals_pos_deg=10.0, normals_neg_deg=30.0):
   """Which (anchor, candidate) pixel pairs the source task calls positive / negative.
@@ -143,7 +139,8 @@ def pair_masks(source_task: str, anchor_labels, candidate_labels, *, depth_pos=0
   elif task.label_kind == tasks.NORMALS:
     # Comparing cosines avoids arccos; full precision keeps threshold decisions
     # exact on accelerators whose default float32 matmul is reduced precision.
-    cos = jnp.matmul(_unit(anchor_labels), _unit(candidate_labels).T,
+    cos = jnp.matmul(tasks.unit_vectors(anchor_labels),
+                     tasks.unit_vectors(candidate_labels).T,
                      precision=jax.lax.Precision.HIGHEST)
     pos = cos > np.cos(np.deg2rad(normals_pos_deg))
     neg = cos < np.cos(np.deg2rad(normals_neg_deg))
@@ -172,13 +169,13 @@ def _candidate_masks(source_task, flat_labels, anchors, pool, thresholds):
   return pos & (anchors[:, None] != pool[None, :]), neg
 
 
-def _distance(x, y, distance: str):
+def rowwise_distance(x, y, distance: str = 'euclidean'):
   """Row-wise distance between [..., D] arrays."""
   _check_choice('distance', distance, DISTANCES)
   if distance == 'euclidean':
     # Clamped so the gradient stays finite when x == y.
     return jnp.sqrt(jnp.maximum(jnp.sum(jnp.square(x - y), axis=-1), 1e-12))
-  return 1.0 - jnp.sum(_unit(x) * _unit(y), axis=-1)
+  return 1.0 - jnp.sum(tasks.unit_vectors(x) * tasks.unit_vectors(y), axis=-1)
 
 
 def pairwise_distance(x, y, distance: str = 'euclidean'):
@@ -186,7 +183,8 @@ def pairwise_distance(x, y, distance: str = 'euclidean'):
   _check_choice('distance', distance, DISTANCES)
   transpose = lambda v: jnp.swapaxes(v, -1, -2)
   if distance == 'cosine':
-    return 1.0 - jnp.matmul(_unit(x), transpose(_unit(y)), precision=jax.lax.Precision.HIGHEST)
+    return 1.0 - jnp.matmul(tasks.unit_vectors(x), transpose(tasks.unit_vectors(y)),
+                            precision=jax.lax.Precision.HIGHEST)
   dot = jnp.matmul(x, transpose(y), precision=jax.lax.Precision.HIGHEST)
   square = jnp.sum(x * x, -1)[..., :, None] + jnp.sum(y * y, -1)[..., None, :] - 2.0 * dot
   return jnp.sqrt(jnp.maximum(square, 0.0))
@@ -291,8 +289,8 @@ def sample_triplets(rng, source_task: str, labels, *, num_anchors: int, pool_siz
 
 def _triplet_terms(anchor, positive, negative, valid, margin, distance):
   """Triplet loss and its statistics, each a mean over valid triplets."""
-  d_ap = _distance(anchor, positive, distance)
-  d_an = _distance(anchor, negative, distance)
+  d_ap = rowwise_distance(anchor, positive, distance)
+  d_an = rowwise_distance(anchor, negative, distance)
   hinge = jnp.maximum(d_ap - d_an + margin, 0.0)
   count = jnp.maximum(jnp.sum(valid), 1)
 
@@ -348,7 +346,7 @@ def _init_projector(rng, channels: int, embed_dim: int):
 def project(params, pixels):
   """Projector on gathered pixels: 1x1 conv + ReLU + 1x1 conv, L2-normalised."""
   hidden = nn.relu(pixels @ params['hidden']['kernel'] + params['hidden']['bias'])
-  return _unit(hidden @ params['output']['kernel'] + params['output']['bias'])
+  return tasks.unit_vectors(hidden @ params['output']['kernel'] + params['output']['bias'])
 
 
 def resize_labels_nearest(labels, height: int, width: int):

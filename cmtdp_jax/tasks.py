@@ -79,12 +79,13 @@ def _normals_l1(pred, labels, valid, options):
   per-pixel variant of Multi-Task-Learning-PyTorch is 3x larger.
   """
   del options
-  unit = _unit(pred.astype(jnp.float32))
+  unit = unit_vectors(pred.astype(jnp.float32))
   per_pixel = jnp.sum(jnp.abs(unit - labels), axis=-1) / 3.0
   return _masked_mean(per_pixel, valid)
 
 
-def _unit(v, eps=1e-12):
+def unit_vectors(v, eps=1e-12):
+  """`v` scaled to unit length along the last axis (zero vectors stay finite)."""
   return v / jnp.sqrt(jnp.maximum(jnp.sum(v * v, axis=-1, keepdims=True), eps))
 
 
@@ -199,7 +200,7 @@ TASKS: dict[str, Task] = {
     'depth': Task('depth', DEPTH, 1, 1.0, _depth_l1, _metres, _valid_depth,
                   _colour_scalar),
     'normals': Task('normals', NORMALS, 3, 10.0, _normals_l1,
-                    lambda raw: _unit(raw.astype(jnp.float32)), _valid_normals,
+                    lambda raw: unit_vectors(raw.astype(jnp.float32)), _valid_normals,
                     _colour_normals),
 }
 
