@@ -1,0 +1,53 @@
+"""`.ci/run` leaves no virtualenv behind, unless CMTDP_CI_VENV asks to keep one.
+
+The script runs against a fake `python3` whose `-m venv DIR` writes an `activate` that puts a
+fake `python` first on PATH, so nothing is installed and no test suite runs inside the test.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+BASH = shutil.which("bash") or "/bin/bash"
+
+FAKE_PYTHON3 = """#!/usr/bin/env bash
+if [[ "$1 $2" == "-m venv" ]]; then
+  mkdir -p "$3/bin"
+  printf '#!/usr/bin/env bash\\necho "python $*" >> "%s/calls"\\n' "$3" > "$3/bin/python"
+  chmod +x "$3/bin/python"
+  printf 'export PATH="%s/bin:$PATH"\\n' "$3" > "$3/bin/activate"
+fi
+"""
+
+
+def _run_ci(tmp_path: Path, **env: str) -> tuple[subprocess.CompletedProcess, Path]:
+  repo, bin_dir, scratch = tmp_path / "repo", tmp_path / "bin", tmp_path / "tmp"
+  for folder in (repo / ".ci", bin_dir, scratch):
+    folder.mkdir(parents=True)
+  shutil.copy(ROOT / ".ci" / "run", repo / ".ci" / "run")
+  (bin_dir / "python3").write_text(FAKE_PYTHON3)
+  (bin_dir / "python3").chmod(0o755)
+  full_env = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "TMPDIR": str(scratch),
+              "HOME": str(tmp_path), **env}
+  res = subprocess.run([BASH, str(repo / ".ci" / "run")], env=full_env, capture_output=True,
+                       text=True, timeout=60)
+  return res, scratch
+
+
+def test_ci_run_removes_its_virtualenv(tmp_path):
+  res, scratch = _run_ci(tmp_path)
+  assert res.returncode == 0, res.stderr
+  assert list(scratch.iterdir()) == []
+
+
+def test_ci_run_keeps_a_named_virtualenv(tmp_path):
+  keep = tmp_path / "kept"
+  res, _ = _run_ci(tmp_path, CMTDP_CI_VENV=str(keep))
+  assert res.returncode == 0, res.stderr
+  calls = (keep / "calls").read_text().splitlines()
+  assert calls[-1] == "python -m pytest tests -q"
+  assert any("install --quiet --no-deps -e ." in call for call in calls)
