@@ -72,15 +72,25 @@ def _depth_l1(pred, labels, valid, options):
   return _masked_mean(jnp.abs(pred[..., 0].astype(jnp.float32) - labels), valid)
 
 
-def _normals_l1(pred, labels, valid, options):
-  """L1 between the L2-normalised prediction and the label.
+# How the normals L1 is reduced (`loss_options.normals.reduction`):
+#   'pixel_sum'    sum of |unit(pred) - label| over the 3 channels, averaged over valid pixels:
+#                  ATRC's and InvPT's L1Loss(normalize=True) (brdav/atrc src/model/criterion.py,
+#                  prismformore/Multi-Task-Transformer InvPT/losses/loss_functions.py: an [N,1,H,W] mask
+#                  of valid pixels broadcast over the channels by masked_select, divided by its sum).
+#   'element_mean' the same sum divided by 3 valid elements per pixel: Multi-Task-Learning-PyTorch's
+#                  NormalsLoss (SimonVandenhende/Multi-Task-Learning-PyTorch losses/loss_functions.py).
+NORMALS_REDUCTIONS = {'pixel_sum': 1.0, 'element_mean': 1.0 / 3.0}
 
-  Reduction: mean over valid *elements* (3 per valid pixel), as ATRC does; the
-  per-pixel variant of Multi-Task-Learning-PyTorch is 3x larger.
-  """
-  del options
+
+def _normals_l1(pred, labels, valid, options):
+  """L1 between the L2-normalised prediction and the label, reduced as
+  `options['reduction']` says (default 'pixel_sum', the ATRC protocol)."""
+  reduction = options.get('reduction', 'pixel_sum')
+  if reduction not in NORMALS_REDUCTIONS:
+    raise ValueError(f"config.loss_options.normals.reduction: unknown reduction '{reduction}' "
+                     f"(valid: {', '.join(NORMALS_REDUCTIONS)})")
   unit = unit_vectors(pred.astype(jnp.float32))
-  per_pixel = jnp.sum(jnp.abs(unit - labels), axis=-1) / 3.0
+  per_pixel = jnp.sum(jnp.abs(unit - labels), axis=-1) * NORMALS_REDUCTIONS[reduction]
   return _masked_mean(per_pixel, valid)
 
 

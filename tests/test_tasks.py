@@ -50,15 +50,42 @@ def test_depth_and_normals_l1_skip_invalid_pixels():
   np.testing.assert_allclose(tasks.get_task('depth').compute_loss(pred, depth), expected,
                              rtol=1e-6)
 
-  raw = rng.normal(size=(1, 4, 4, 3)).astype(np.float32)
-  normals = rng.normal(size=(1, 4, 4, 3)).astype(np.float32)
+
+
+def _normals_inputs(seed=4):
+  rng = np.random.default_rng(seed)
+  raw = rng.normal(size=(2, 5, 6, 3)).astype(np.float32)
+  normals = rng.normal(size=(2, 5, 6, 3)).astype(np.float32)
   normals /= np.linalg.norm(normals, axis=-1, keepdims=True)
   normals[0, 1] = 0
+  normals[1, :, 2:4] = 0
+  return raw, normals
+
+
+def test_normals_loss_is_atrc_per_pixel_sum_times_weight():
+  """ATRC / InvPT L1Loss(normalize=True): mask [N,1,H,W] of valid pixels, masked_select over the
+  3 channels, sum / valid pixels (brdav/atrc src/model/criterion.py,
+  prismformore/Multi-Task-Transformer InvPT/losses/loss_functions.py); weight 10."""
+  raw, normals = _normals_inputs()
   unit = raw / np.linalg.norm(raw, axis=-1, keepdims=True)
   valid = np.linalg.norm(normals, axis=-1) > 0
-  expected = np.abs(unit - normals)[valid].mean()  # mean over valid elements (ATRC)
-  np.testing.assert_allclose(tasks.get_task('normals').compute_loss(raw, normals), expected,
+  reference = 10.0 * np.abs(unit - normals)[valid].sum() / valid.sum()
+  task = tasks.get_task('normals')
+  np.testing.assert_allclose(task.loss_weight * task.compute_loss(raw, normals), reference,
                              rtol=1e-5)
+
+
+def test_normals_loss_element_mean_option_is_multi_task_learning_pytorch():
+  """NormalsLoss of SimonVandenhende/Multi-Task-Learning-PyTorch losses/loss_functions.py: the
+  same sum divided by the valid elements (3 per pixel)."""
+  raw, normals = _normals_inputs()
+  unit = raw / np.linalg.norm(raw, axis=-1, keepdims=True)
+  valid = np.linalg.norm(normals, axis=-1) > 0
+  reference = np.abs(unit - normals)[valid].mean()
+  got = tasks.get_task('normals').compute_loss(raw, normals, {'reduction': 'element_mean'})
+  np.testing.assert_allclose(got, reference, rtol=1e-5)
+  with pytest.raises(ValueError, match='loss_options.normals.reduction'):
+    tasks.get_task('normals').compute_loss(raw, normals, {'reduction': 'mean'})
 
 
 def test_decode_shapes_and_ranges():

@@ -67,7 +67,8 @@ def task_loss(name: str, raw, label, options):
   if task.label_kind == tasks_lib.NORMALS:
     label = label.permute(0, 3, 1, 2)
     unit = F.normalize(raw, dim=1, eps=1e-6)
-    return _masked_mean((unit - label).abs().sum(1) / 3.0, (label * label).sum(1) > 1e-6)
+    scale = tasks_lib.NORMALS_REDUCTIONS[options.get('reduction', 'pixel_sum')]
+    return _masked_mean((unit - label).abs().sum(1) * scale, (label * label).sum(1) > 1e-6)
   if task.channels != 1:
     return F.cross_entropy(raw, label.long(), ignore_index=tasks_lib.IGNORE_LABEL)
   valid = label != tasks_lib.IGNORE_LABEL
