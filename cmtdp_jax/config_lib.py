@@ -8,8 +8,10 @@ are type-checked by ml_collections and unknown fields are rejected.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 
 import ml_collections
+from absl import logging
 
 from cmtdp_jax import contrastive
 from cmtdp_jax import data as data_lib
@@ -105,17 +107,56 @@ def base_config() -> ml_collections.ConfigDict:
   return config
 
 
+def unknown_field(config, path: str) -> str | None:
+  """The one-line error for `--config.<path>=...` when `path` is no field, else None.
+
+  Suggests the closest field, by its last name first (`model.widht` ->
+  `model.backbone_kwargs.width`), then by the whole path.
+  """
+  node = config
+  for name in path.split('.'):
+    if not isinstance(node, ml_collections.ConfigDict) or name not in node:
+      break
+    node = node[name]
+  else:
+    return None
+  fields = list(_field_paths(config))
+  leaf = path.rpartition('.')[2]
+  by_leaf = {f: difflib.SequenceMatcher(None, leaf, f.rpartition('.')[2]).ratio() for f in fields}
+  best = max(fields, key=lambda f: (by_leaf[f], difflib.SequenceMatcher(None, path, f).ratio()))
+  closest = ([best] if by_leaf[best] >= 0.75 else
+             difflib.get_close_matches(path, fields, n=1, cutoff=0.75))
+  hint = (f'did you mean config.{closest[0]}?' if closest else
+          'python -m cmtdp_jax.main --config FILE --mode=print_config lists the fields')
+  return f'--config.{path}: config has no field {path!r}; {hint}'
+
+
+def _field_paths(config, prefix=''):
+  for name, value in config.items():
+    yield prefix + name
+    if isinstance(value, ml_collections.ConfigDict):
+      yield from _field_paths(value, f'{prefix}{name}.')
+
+
 def validate(config, num_devices: int) -> None:
   """One-line errors for inconsistent configs, before anything compiles."""
   for task in config.tasks:
     tasks_lib.get_task(task)
   if not config.tasks:
     raise ValueError('config.tasks is empty')
+  repeated = sorted({t for t in config.tasks if list(config.tasks).count(t) > 1})
+  if repeated:
+    raise ValueError(f'config.tasks {tuple(config.tasks)} names {", ".join(repeated)} '
+                     'more than once')
   data_lib.get_dataset_spec(config.data.name)
-  for task in list(config.loss_weights) + list(config.loss_options):
-    if task not in config.tasks:
-      raise ValueError(f"config.loss_weights/loss_options name task '{task}' that is not in "
-                       f'config.tasks {tuple(config.tasks)}')
+  for field in ('loss_weights', 'loss_options'):
+    for task in config[field]:
+      if task not in tasks_lib.TASKS:  # a typo is an error ...
+        raise ValueError(f"config.{field}.{task} names an unknown task; valid tasks: "
+                         f"{', '.join(tasks_lib.TASKS)}")
+      if task not in config.tasks:  # ... an untrained task only a note: defaults name them
+        logging.info("config.%s.%s is ignored: '%s' is not in config.tasks %s", field, task,
+                     task, tuple(config.tasks))
   contrastive.ContrastiveConfig.from_dict(config.contrastive)
   if config.contrastive.enable and len(config.tasks) < 2:
     raise ValueError('config.contrastive.enable needs at least two tasks in config.tasks')

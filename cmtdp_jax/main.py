@@ -5,7 +5,12 @@
   python -m cmtdp_jax.main --config configs/synthetic.py --workdir /tmp/run --mode=eval
   python -m cmtdp_jax.main --config configs/synthetic.py --workdir /tmp/run --mode=analyze
 
-Any config field can be overridden with `--config.field=value`.
+Any config field can be overridden with `--config.field=value`. The fields and
+their defaults are documented in cmtdp_jax/config_lib.py (base_config), each
+config file's docstring (configs/) and cmtdp_jax/protocol.py (the real-dataset
+variants); `--mode=print_config` prints the config after the overrides and exits:
+
+  python -m cmtdp_jax.main --config configs/synthetic.py:smoke --mode=print_config
 """
 
 import logging as python_logging
@@ -16,22 +21,26 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from cmtdp_jax import analysis
+from cmtdp_jax import config_lib
 from cmtdp_jax import train
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'Config file (optionally file.py:variant).',
                                 lock_config=True)
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints, logs and eval results.')
-flags.DEFINE_enum('mode', 'train', ['train', 'eval', 'analyze'],
-                  'Train (then evaluate), only evaluate, or plot the cross-task consistency '
-                  'of the features (the paper\'s Figure 1).')
+flags.DEFINE_enum('mode', 'train', ['train', 'eval', 'analyze', 'print_config'],
+                  'Train (then evaluate), only evaluate, plot the cross-task consistency '
+                  'of the features (the paper\'s Figure 1), or print the config after the '
+                  '--config.field overrides and exit (needs no --workdir).')
 flags.DEFINE_integer('step', None, 'With --mode=eval/analyze: checkpoint step (default latest).')
 flags.DEFINE_bool('distributed', False, 'Call jax.distributed.initialize() (TPU pods, Slurm, '
                   'or the coordinator flags below).')
 flags.DEFINE_string('coordinator_address', None, 'host:port of process 0 (multi-process).')
 flags.DEFINE_integer('num_processes', None, 'Number of processes (multi-process).')
 flags.DEFINE_integer('process_id', None, 'This process index (multi-process).')
-flags.mark_flags_as_required(['config', 'workdir'])
+flags.mark_flags_as_required(['config'])
+flags.register_validator('workdir', lambda workdir: workdir or FLAGS.mode == 'print_config',
+                         'is required (except with --mode=print_config)')
 
 
 class _QuietLibraries(python_logging.Filter):
@@ -43,10 +52,49 @@ class _QuietLibraries(python_logging.Filter):
     return record.levelno >= python_logging.WARNING or 'cmtdp_jax' in record.pathname
 
 
+def parse_flags(argv):
+  """absl's flag parsing, with one line naming an unknown `--config.<field>`."""
+  try:
+    return FLAGS(argv)
+  except (flags.Error, AttributeError, KeyError) as e:
+    message = _unknown_override(argv[1:])
+    if message:
+      sys.exit(f'error: {message}')
+    if isinstance(e, flags.Error):
+      sys.exit(f'error: {e} (--help lists the flags)')
+    raise
+
+
+def _unknown_override(args):
+  """The error of the first `--config.<path>` in `args` that names no field, if any.
+
+  ml_collections fails on it while loading the config, so the file is loaded again here.
+  """
+  config_file = None
+  for i, arg in enumerate(args):
+    if arg == '--config' and i + 1 < len(args):
+      config_file = args[i + 1]
+    elif arg.startswith('--config='):
+      config_file = arg.removeprefix('--config=')
+  if config_file is None:
+    return None
+  config = FLAGS['config'].parser.parse(config_file)
+  for arg in args:
+    path = arg.split('=', 1)[0].removeprefix('--no').removeprefix('--')
+    message = path.startswith('config.') and config_lib.unknown_field(
+        config, path.removeprefix('config.'))
+    if message:
+      return message
+  return None
+
+
 def main(argv):
   logging.get_absl_handler().addFilter(_QuietLibraries())
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
+  if FLAGS.mode == 'print_config':
+    print(FLAGS.config)
+    return
   if FLAGS.distributed:
     jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes,
                                FLAGS.process_id)
@@ -64,4 +112,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

@@ -144,6 +144,41 @@ def test_bad_config_gives_one_line_error(tmp_path, flags, message):
   assert message in last and last.startswith('error:'), proc.stderr[-2000:]
 
 
+@pytest.fixture
+def parse_cli(monkeypatch):
+  """Parses a CLI command line in this process (ml_collections reads the overrides from
+  sys.argv); yields the parser and resets the flags afterwards."""
+  from cmtdp_jax import main  # pylint: disable=import-outside-toplevel
+
+  def parse(argv):
+    monkeypatch.setattr(sys, 'argv', argv)
+    return main.parse_flags(argv)
+  yield parse
+  main.FLAGS.unparse_flags()
+
+
+@pytest.mark.parametrize('override,message', [
+    ('--config.model.widht=16', "error: --config.model.widht: config has no field "
+                                "'model.widht'; did you mean config.model.backbone_kwargs.width?"),
+    ('--config.foo=1', "error: --config.foo: config has no field 'foo'; python -m "
+                       'cmtdp_jax.main --config FILE --mode=print_config lists the fields'),
+])
+def test_unknown_config_field_is_one_line_naming_it(parse_cli, override, message):
+  with pytest.raises(SystemExit) as exit_info:
+    parse_cli(['main', '--config', 'configs/synthetic.py:smoke', override])
+  assert str(exit_info.value.code) == message
+
+
+def test_print_config_shows_overrides_and_needs_no_workdir(parse_cli, capsys):
+  from cmtdp_jax import main  # pylint: disable=import-outside-toplevel
+  main.main(parse_cli(['main', '--config=configs/synthetic.py:smoke', '--mode=print_config',
+                       '--config.num_steps=7']))
+  printed = capsys.readouterr().out
+  assert 'num_steps: 7\n' in printed and 'backbone_kwargs:' in printed
+  # --help shows the module docstring: where the fields are documented, how to print them.
+  assert '--mode=print_config' in main.__doc__ and 'configs/' in main.__doc__
+
+
 def test_unwritable_workdir_gives_one_line_error(tmp_path):
   blocker = tmp_path / 'file'
   blocker.write_text('not a directory')

@@ -21,3 +21,48 @@ def test_bad_values_name_the_field(field, value, message):
 
 def test_base_config_is_valid():
   config_lib.validate(config_lib.base_config(), 4)
+
+
+def test_repeated_task_is_one_line_error():
+  config = config_lib.base_config()
+  config.tasks = ('semseg', 'edge', 'edge')
+  with pytest.raises(ValueError, match=r"config.tasks .* names edge more than once"):
+    config_lib.validate(config, 4)
+
+
+def test_defaults_for_untrained_tasks_are_ignored_with_a_note(caplog):
+  """The base config's loss_options.edge must not stop a task list without edge."""
+  config = config_lib.base_config()
+  config.tasks = ('semseg', 'depth')
+  config.loss_weights.normals = 2.0
+  with caplog.at_level('INFO'):
+    config_lib.validate(config, 4)
+  notes = [r.getMessage() for r in caplog.records]
+  assert any("config.loss_options.edge is ignored: 'edge' is not in config.tasks" in n
+             for n in notes), notes
+  assert any('config.loss_weights.normals is ignored' in n for n in notes), notes
+
+
+def test_loss_options_of_an_unknown_task_are_an_error():
+  config = config_lib.base_config()
+  config.loss_options.edeg = {'pos_weight': 0.5}
+  with pytest.raises(ValueError, match='config.loss_options.edeg names an unknown task'):
+    config_lib.validate(config, 4)
+
+
+@pytest.mark.parametrize('path,suggestion', [
+    ('model.widht', 'did you mean config.model.backbone_kwargs.width?'),
+    ('num_step', 'did you mean config.num_steps?'),
+    ('data.crop_sise', 'did you mean config.data.crop_size?'),
+    ('foo', '--mode=print_config lists the fields'),
+])
+def test_unknown_override_names_the_field_and_the_closest_one(path, suggestion):
+  message = config_lib.unknown_field(config_lib.base_config(), path)
+  assert message.startswith(f"--config.{path}: config has no field '{path}'")
+  assert message.endswith(suggestion)
+
+
+def test_known_override_is_no_error():
+  config = config_lib.base_config()
+  for path in ('model.backbone_kwargs.width', 'tasks', 'data.augment.flip'):
+    assert config_lib.unknown_field(config, path) is None
