@@ -203,7 +203,7 @@ def eval_examples(config, num: int) -> dict[str, np.ndarray]:
   spec = data_lib.get_dataset_spec(config.data.name)
   split = config.data.get('eval_split') or spec.eval_split
   source = pipeline.open_split(config.data, split, config.tasks)
-  keys = ('image', 'size') + tuple(config.tasks)
+  keys = ('image', 'size', 'offset') + tuple(config.tasks)
   collected = {k: [] for k in keys}
   count = 0
   for batch in pipeline.eval_dataset(source, config).as_numpy_iterator():
@@ -246,8 +246,8 @@ def plot_predictions(examples: Mapping[str, np.ndarray],
   titles = ['input', 'ground truth'] + list(predictions)
   figures = []
   for i in range(num):
-    height, width = examples['size'][i]
-    box = (slice(0, height), slice(0, width))  # without the eval padding
+    (top, left), (height, width) = examples['offset'][i], examples['size'][i]
+    box = (slice(top, top + height), slice(left, left + width))  # without the eval padding
     figure, axes = plt.subplots(len(tasks), len(titles), squeeze=False,
                                 figsize=(2.2 * len(titles), 2.2 * len(tasks)))
     for row, task in enumerate(tasks):

@@ -24,8 +24,9 @@ from cmtdp_jax import data as data_lib
 class Protocol:
   """What differs between the datasets in the ATRC protocol."""
   crop_size: tuple[int, int]
-  # Eval pads every image to this size: at least the largest image of any
-  # packaging (NYUD_MT 480x640, NYUDv2 425x560; PASCAL at most 500x500).
+  # Eval pads a batch centred to its largest image, at least this size: ATRC's
+  # PadImage to its crop size (src/data/pl_data.py), so NYUD (all 480x640 or all
+  # 425x560) is not padded and PASCAL (at most 500x500) is padded to 512x512.
   eval_crop_size: tuple[int, int]
   lr: float
   edge_pos_weight: float
@@ -33,7 +34,7 @@ class Protocol:
 
 
 PROTOCOLS = {
-    'nyud': Protocol(crop_size=(425, 560), eval_crop_size=(480, 640), lr=0.01,
+    'nyud': Protocol(crop_size=(425, 560), eval_crop_size=(425, 560), lr=0.01,
                      edge_pos_weight=0.8, edge_max_dist=0.011),
     'pascal_context': Protocol(crop_size=(512, 512), eval_crop_size=(512, 512), lr=0.005,
                                edge_pos_weight=0.95, edge_max_dist=0.0075),

@@ -205,10 +205,7 @@ def run_evaluation(config, model, state, eval_source, mesh, outputs=None) -> dic
     predictions = predict(state.params['model'], state.batch_stats, images)
     local = jax.tree.map(np.asarray, multihost_utils.global_array_to_host_local_array(
         predictions, mesh, batch_sharding.spec))
-    for i in np.flatnonzero(batch['mask']):
-      height, width = batch['size'][i]
-      for task, metric in metrics.items():
-        metric.update(local[task][i, :height, :width], batch[task][i, :height, :width])
+    pipeline.update_metrics(metrics, batch, local)
     if outputs:
       outputs.add(batch, local)
   if outputs:

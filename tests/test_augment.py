@@ -112,3 +112,99 @@ def test_crop_without_a_person_ignores_human_parts():
   np.testing.assert_array_equal(with_person['human_parts'], parts)
   without = augment.ignore_parts_without_person({'human_parts': tf.constant(parts[:4, :4])})
   assert (np.asarray(without['human_parts']) == 255).all()
+
+
+def _mmseg_photometric(image, draws):
+  """NumPy + OpenCV re-statement of mmseg's PhotoMetricDistortion as ATRC calls it
+  (brdav/atrc src/data/transforms.py), with the random choices given."""
+  cv2 = pytest.importorskip('cv2')
+
+  def convert(x, alpha=1.0, beta=0.0):
+    return np.clip(x.astype(np.float32) * alpha + beta, 0, 255).astype(np.uint8)
+
+  def contrast(x):
+    return convert(x, alpha=draws['contrast']) if draws['contrast_on'] else x
+
+  img = image.astype(np.uint8)
+  if draws['brightness_on']:
+    img = convert(img, beta=draws['brightness'])
+  if draws['contrast_first']:
+    img = contrast(img)
+  if draws['saturation_on']:
+    hsv = cv2.cvtColor(img, cv2.COLOR_RGB2HSV)
+    hsv[:, :, 1] = convert(hsv[:, :, 1], alpha=draws['saturation'])
+    img = cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)
+  if draws['hue_on']:
+    hsv = cv2.cvtColor(img, cv2.COLOR_RGB2HSV)
+    hsv[:, :, 0] = (hsv[:, :, 0].astype(int) + draws['hue']) % 180
+    img = cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)
+  if not draws['contrast_first']:
+    img = contrast(img)
+  return img
+
+
+def test_photometric_distortion_matches_mmseg_within_one_level():
+  rng = np.random.default_rng(0)
+  image = rng.uniform(0, 256, (23, 29, 3)).astype(np.float32)
+  image[0, :8] = [[0, 0, 0], [255, 255, 255], [255, 0, 0], [0, 255, 0], [0, 0, 255],
+                  [255, 255, 0], [7, 7, 8], [200, 100, 100]]
+  seen = set()
+  for i in range(24):
+    draws = {k: v.numpy().item() for k, v in
+             augment.photometric_draws(tf.constant([i, 3], tf.int64)).items()}
+    seen.update(k for k, v in draws.items() if v is True)
+    ours = augment.photometric_distortion(tf.constant(image), draws).numpy()
+    reference = _mmseg_photometric(image, draws)
+    assert np.abs(ours - reference.astype(np.float32)).max() <= 1.0, draws
+    assert ours.dtype == np.float32 and (ours == np.floor(ours)).all()
+  assert {'brightness_on', 'contrast_first', 'contrast_on', 'saturation_on', 'hue_on'} <= seen
+
+
+def test_photometric_draws_are_mmsegs_ranges():
+  draws = [augment.photometric_draws(tf.constant([i, 9], tf.int64)) for i in range(400)]
+  hues = np.array([d['hue'].numpy() for d in draws])
+  assert hues.dtype == np.int32 and hues.min() == -18 and hues.max() == 17
+  brightness = np.array([d['brightness'].numpy() for d in draws])
+  assert -32 <= brightness.min() < -28 and 28 < brightness.max() <= 32
+  contrast = np.array([d['contrast'].numpy() for d in draws])
+  assert 0.5 <= contrast.min() < 0.55 and 1.45 < contrast.max() <= 1.5
+  assert 0.4 < np.mean([d['contrast_first'].numpy() for d in draws]) < 0.6
+
+
+def test_centred_padding_and_crop_back_are_inverse():
+  ex = _example(9, 14)
+  padded = augment.pad_centred(ex, 16, 17)
+  assert padded['image'].shape == (16, 17, 3)
+  # ATRC's PadImage: delta // 2 before, the rest after.
+  assert (padded['semseg'].numpy()[:3] == 255).all() and (padded['semseg'].numpy()[12:] == 255).all()
+  assert (padded['semseg'].numpy()[3:12, 1:15] != 255).all()
+  assert (padded['semseg'].numpy()[:, :1] == 255).all() and (padded['semseg'].numpy()[:, 15:] == 255).all()
+  offset = [int(o) for o in augment.centring_offsets(tf.constant([9, 14]), (16, 17))]
+  assert offset == [3, 1]
+  for key in ex:
+    np.testing.assert_array_equal(augment.crop_to_original(padded[key].numpy(), offset, (9, 14)),
+                                  ex[key].numpy())
+
+
+def test_eval_batch_is_centred_per_example_and_only_as_large_as_needed():
+  small, large = _example(6, 8, seed=1), _example(10, 12, seed=2)
+  ds = tf.data.Dataset.from_generator(
+      lambda: iter([augment.eval_transform(small), augment.eval_transform(large)]),
+      output_signature={k: tf.TensorSpec(v.shape[:0].concatenate([None, None]) +
+                                         v.shape[2:], v.dtype) for k, v in small.items()} |
+      {'size': tf.TensorSpec([2], tf.int32)})
+  ds = ds.padded_batch(2, padding_values=augment.padding_values(ds.element_spec))
+  for min_size, shape in [((4, 4), (10, 12)), ((11, 16), (11, 16))]:
+    batch = augment.centre_in_batch(next(iter(ds)), min_size)
+    assert batch['image'].shape[1:3] == shape
+    for i, original in enumerate([small, large]):
+      offset, size = batch['offset'][i].numpy(), batch['size'][i].numpy()
+      np.testing.assert_array_equal(offset, (np.array(shape) - size) // 2)
+      for key in ('semseg', 'depth', 'normals'):
+        np.testing.assert_array_equal(augment.crop_to_original(batch[key][i].numpy(), offset, size),
+                                      original[key].numpy())
+      outside = np.ones(shape, bool)
+      outside[offset[0]:offset[0] + size[0], offset[1]:offset[1] + size[1]] = False
+      assert (batch['semseg'][i].numpy()[outside] == 255).all()
+      assert (batch['depth'][i].numpy()[outside] == 0).all()
+      assert (batch['image'][i].numpy()[outside] == 0).all()

@@ -318,7 +318,11 @@ def test_variable_sizes_pad_to_the_eval_size(tmp_path):
   source = pipeline.open_split(config.data, 'validation', ('semseg', 'normals'))
   (batch,) = list(pipeline.eval_dataset(source, config).as_numpy_iterator())
   assert batch['image'].shape == (3, 16, 16, 3) and batch['normals'].shape == (3, 16, 16, 3)
-  assert (batch['semseg'][1, 14:] == 255).all() and (batch['semseg'][1, :, 10:] == 255).all()
+  # Centred (ATRC's PadImage): example 1 is 14x10, so 1 row above and 3 columns left of it.
+  np.testing.assert_array_equal(batch['size'][1], (14, 10))
+  np.testing.assert_array_equal(batch['offset'][1], (1, 3))
+  assert (batch['semseg'][1, :1] == 255).all() and (batch['semseg'][1, 15:] == 255).all()
+  assert (batch['semseg'][1, :, :3] == 255).all() and (batch['semseg'][1, :, 13:] == 255).all()
 
 
 @pytest.mark.parametrize('device_prefetch', [0, 1, 3, 10])
@@ -388,7 +392,7 @@ def test_protocol_values():
   nyud_config = protocol.protocol_config('nyud', 'hrnet_w48', 'padnet')
   assert tuple(nyud_config.tasks) == ('semseg', 'depth', 'normals', 'edge')
   assert tuple(nyud_config.data.crop_size) == (425, 560)
-  assert tuple(nyud_config.data.eval_crop_size) == (480, 640)
+  assert tuple(nyud_config.data.eval_crop_size) == (425, 560)  # ATRC: pad only up to the crop
   assert (nyud_config.optim.lr, nyud_config.loss_options.edge.pos_weight,
           nyud_config.eval.metric_options.edge.max_dist) == (0.01, 0.8, 0.011)
   pascal = protocol.protocol_config('pascal_context', 'hrnet_w18_small_v2', 'mtinet',

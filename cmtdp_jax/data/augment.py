@@ -8,7 +8,13 @@ always gives the same crop: resumed runs see exactly the same data.
 Geometric ops treat labels by kind: categorical maps and normals are resized
 with nearest neighbour, depth too but divided by the scale factor (an object
 scaled up by s looks s times closer); a horizontal flip negates the normals'
-x component. Padding uses each label's invalid value (255 / 0).
+x component. Padding is centred (delta // 2 before, the rest after, ATRC's
+`PadImage`) with 0 in the normalised image (the mean colour) and each label's
+invalid value (255 / 0); `crop_to_original` undoes it.
+
+Order, as in ATRC's training transforms (brdav/atrc src/data/pl_data.py): random
+scale, random crop (class-ratio limited), flip, photometric distortion,
+ImageNet normalisation, centred padding to the crop size.
 """
 
 from __future__ import annotations
@@ -25,8 +31,11 @@ def _label_keys(example):
   return [k for k in example if k in tasks_lib.TASKS]
 
 
-def _pad_value(task):
-  return tasks_lib.IGNORE_LABEL if tasks_lib.get_task(task).label_kind == tasks_lib.CATEGORICAL else 0
+def _pad_value(key):
+  """A label's invalid value (255 categorical, 0 depth and normals); 0 otherwise."""
+  if key not in tasks_lib.TASKS:
+    return 0
+  return tasks_lib.IGNORE_LABEL if tasks_lib.get_task(key).label_kind == tasks_lib.CATEGORICAL else 0
 
 
 def random_scale(example, seed, min_scale, max_scale):
@@ -46,19 +55,32 @@ def random_scale(example, seed, min_scale, max_scale):
   return out
 
 
-def pad_to(example, height, width):
-  """Pads bottom/right to at least (height, width); image with 0 (the mean after
+def centring_offsets(size, target):
+  """(top, left) of an image of `size` centred in `target`: delta // 2 (ATRC's PadImage)."""
+  return [tf.maximum(t - n, 0) // 2 for n, t in zip(tf.unstack(size), target)]
+
+
+def pad_centred(example, height, width):
+  """Pads to at least (height, width), centred: image with 0 (the mean after
   normalisation), labels with their invalid value."""
   shape = tf.shape(example['image'])
   pad_h = tf.maximum(height - shape[0], 0)
   pad_w = tf.maximum(width - shape[1], 0)
+  top, left = pad_h // 2, pad_w // 2
+  spatial = [[top, pad_h - top], [left, pad_w - left]]
   out = dict(example)
-  out['image'] = tf.pad(example['image'], [[0, pad_h], [0, pad_w], [0, 0]])
+  out['image'] = tf.pad(example['image'], spatial + [[0, 0]])
   for task in _label_keys(example):
     label = example[task]
-    paddings = [[0, pad_h], [0, pad_w]] + [[0, 0]] * (label.shape.rank - 2)
+    paddings = spatial + [[0, 0]] * (label.shape.rank - 2)
     out[task] = tf.pad(label, paddings, constant_values=tf.cast(_pad_value(task), label.dtype))
   return out
+
+
+def crop_to_original(array, offset, size):
+  """The (height, width) = `size` region at (top, left) = `offset` of a centred-padded map."""
+  (top, left), (height, width) = offset, size
+  return array[top:top + height, left:left + width]
 
 
 def _crop(example, top, left, height, width):
@@ -69,13 +91,15 @@ def _crop(example, top, left, height, width):
 
 
 def random_crop(example, seed, height, width, cat_max_ratio=1.0, tries=10):
-  """Random (height, width) crop of an example at least that large.
+  """Random crop of at most (height, width): a smaller side is kept whole
+  (ATRC's RandomCrop, padding comes after).
 
   With cat_max_ratio < 1 (ATRC: 0.75), up to `tries` crops are drawn and the
   first whose most frequent semseg class covers less than that fraction of the
   labelled pixels is kept (the last one otherwise).
   """
   shape = tf.shape(example['image'])
+  height, width = tf.minimum(height, shape[0]), tf.minimum(width, shape[1])
   seeds = tf.random.experimental.stateless_split(seed, tries)
   use_ratio = cat_max_ratio < 1.0 and 'semseg' in example
 
@@ -119,24 +143,104 @@ def random_flip(example, seed):
   return out
 
 
-def photometric_distortion(image, seed, brightness=32.0, contrast=(0.5, 1.5),
-                           saturation=(0.5, 1.5), hue=18.0):
-  """mmseg-style distortion, each op with p=0.5; image float32 in 0..255."""
-  s = tf.random.experimental.stateless_split(seed, 8)
+def photometric_draws(seed, brightness=32.0, contrast=(0.5, 1.5), saturation=(0.5, 1.5),
+                      hue=18):
+  """The random choices of one `photometric_distortion`, as mmseg draws them
+  (brdav/atrc src/data/transforms.py PhotoMetricDistortion): each op with
+  p=0.5, contrast either before or after the saturation/hue block, the hue
+  shift an integer in [-hue, hue - 1] of OpenCV's 0-180 hue units."""
+  s = tf.random.experimental.stateless_split(seed, 9)
 
-  def maybe(i, fn, x):
-    return tf.cond(tf.random.stateless_uniform([], s[i]) < 0.5, lambda: fn(x), lambda: x)
+  def coin(i):
+    return tf.random.stateless_uniform([], s[i]) < 0.5
 
-  image = maybe(0, lambda x: x + tf.random.stateless_uniform([], s[1], -brightness, brightness),
-                image)
-  image = maybe(2, lambda x: tf.image.adjust_contrast(
-      x, tf.random.stateless_uniform([], s[3], *contrast)), image)
-  image = tf.clip_by_value(image, 0.0, 255.0) / 255.0
-  image = maybe(4, lambda x: tf.image.adjust_saturation(
-      x, tf.random.stateless_uniform([], s[5], *saturation)), image)
-  image = maybe(6, lambda x: tf.image.adjust_hue(
-      x, tf.random.stateless_uniform([], s[7], -hue, hue) / 360.0), image)
-  return tf.clip_by_value(image, 0.0, 1.0) * 255.0
+  def uniform(i, low, high):
+    return tf.random.stateless_uniform([], s[i], low, high)
+
+  return {
+      'brightness_on': coin(0), 'brightness': uniform(1, -brightness, brightness),
+      'contrast_first': coin(2),
+      'contrast_on': coin(3), 'contrast': uniform(4, *contrast),
+      'saturation_on': coin(5), 'saturation': uniform(6, *saturation),
+      'hue_on': coin(7),
+      'hue': tf.random.stateless_uniform([], s[8], -hue, hue, dtype=tf.int32),
+  }
+
+
+def _uint8(x):
+  """mmseg's clip to [0, 255] and astype(uint8) (truncation), kept as float32."""
+  return tf.floor(tf.clip_by_value(x, 0.0, 255.0))
+
+
+def rgb_to_hsv_uint8(rgb):
+  """OpenCV's 8-bit RGB2HSV (H 0-179, S and V 0-255) in its fixed-point arithmetic
+  (imgproc color_hsv: 12-bit division tables, rounding by + 2048 >> 12)."""
+  r, g, b = tf.unstack(tf.cast(rgb, tf.int32), axis=-1)
+  v = tf.maximum(tf.maximum(r, g), b)
+  diff = v - tf.minimum(tf.minimum(r, g), b)
+  shift = 12
+
+  def division_table(numerator, d):
+    safe = tf.cast(tf.maximum(d, 1), tf.float64)
+    table = tf.cast(tf.round((numerator << shift) / safe), tf.int32)
+    return tf.where(d > 0, table, 0)
+
+  def rounded(x):
+    return tf.bitwise.right_shift(x + (1 << (shift - 1)), shift)  # floors negative x too
+
+  s = rounded(diff * division_table(255, v))
+  h = tf.where(v == r, g - b, tf.where(v == g, b - r + 2 * diff, r - g + 4 * diff))
+  h = rounded(h * division_table(30, diff))  # 180 / 6 hue units per sector
+  h = tf.where(h < 0, h + 180, h)
+  return tf.cast(tf.stack([h, s, v], axis=-1), tf.float32)
+
+
+# OpenCV's HSV2RGB sector table, as indices into (v, p, q, t) for r, g and b.
+_SECTOR_SOURCES = ((0, 2, 1, 1, 3, 0), (3, 0, 0, 2, 1, 1), (1, 1, 3, 0, 0, 2))
+
+
+def hsv_to_rgb_uint8(hsv):
+  """OpenCV's 8-bit HSV2RGB: float computation, rounded to the nearest level."""
+  h, s, v = tf.unstack(hsv, axis=-1)
+  h = h * (6.0 / 180.0)
+  s = s * (1.0 / 255.0)
+  v = v * (1.0 / 255.0)
+  sector = tf.math.floormod(tf.floor(h), 6.0)
+  f = h - tf.floor(h)
+  values = tf.stack([v, v * (1 - s), v * (1 - s * f), v * (1 - s * (1 - f))], axis=-1)
+  sector = tf.cast(sector, tf.int32)
+  channels = [tf.gather(values, tf.gather(tf.constant(sources), sector), batch_dims=sector.shape.rank)
+              for sources in _SECTOR_SOURCES]
+  return tf.round(tf.stack(channels, axis=-1) * 255.0)
+
+
+def photometric_distortion(image, draws):
+  """mmseg's PhotoMetricDistortion as ATRC uses it, on an RGB image of uint8
+  values (float32 0..255 in, float32 integer levels out); every op clips and
+  truncates to uint8, like mmseg's."""
+
+  def maybe(on, fn, x):
+    return tf.cond(on, lambda: fn(x), lambda: x)
+
+  def contrast(x):
+    return maybe(draws['contrast_on'], lambda y: _uint8(y * draws['contrast']), x)
+
+  def in_hsv(fn):
+    return lambda x: hsv_to_rgb_uint8(fn(rgb_to_hsv_uint8(x)))
+
+  def saturate(hsv):
+    return tf.stack([hsv[..., 0], _uint8(hsv[..., 1] * draws['saturation']), hsv[..., 2]], -1)
+
+  def shift_hue(hsv):
+    hue = tf.math.floormod(hsv[..., 0] + tf.cast(draws['hue'], tf.float32), 180.0)
+    return tf.concat([hue[..., None], hsv[..., 1:]], -1)
+
+  image = _uint8(image)
+  image = maybe(draws['brightness_on'], lambda x: _uint8(x + draws['brightness']), image)
+  image = maybe(draws['contrast_first'], contrast, image)
+  image = maybe(draws['saturation_on'], in_hsv(saturate), image)
+  image = maybe(draws['hue_on'], in_hsv(shift_hue), image)
+  return maybe(tf.logical_not(draws['contrast_first']), contrast, image)
 
 
 def normalize(image):
@@ -144,18 +248,20 @@ def normalize(image):
 
 
 def train_transform(example, seed, aug_config, crop_size):
-  """Full training augmentation: scale, pad, crop, flip, photometric, normalise."""
+  """Full training augmentation, in ATRC's order: scale, crop, flip,
+  photometric, normalise, centred padding to `crop_size`."""
   seeds = tf.random.experimental.stateless_split(seed, 4)
   height, width = crop_size
   if aug_config.max_scale > aug_config.min_scale or aug_config.min_scale != 1.0:
     example = random_scale(example, seeds[0], aug_config.min_scale, aug_config.max_scale)
-  if aug_config.photometric:
-    example = dict(example, image=photometric_distortion(example['image'], seeds[1]))
-  example = dict(example, image=normalize(example['image']))
-  example = pad_to(example, height, width)
   example = random_crop(example, seeds[2], height, width, aug_config.cat_max_ratio)
   if aug_config.flip:
     example = random_flip(example, seeds[3])
+  if aug_config.photometric:
+    example = dict(example, image=photometric_distortion(example['image'],
+                                                         photometric_draws(seeds[1])))
+  example = dict(example, image=normalize(example['image']))
+  example = pad_centred(example, height, width)
   if aug_config.parts_need_person and 'human_parts' in example:
     example = ignore_parts_without_person(example)
   return example
@@ -170,12 +276,41 @@ def ignore_parts_without_person(example):
       has_person, parts, tf.fill(tf.shape(parts), tf.cast(tasks_lib.IGNORE_LABEL, parts.dtype))))
 
 
-def eval_transform(example, crop_size):
-  """Normalise and pad to a fixed size; padding is invalid in every label.
-
-  'size' keeps the original (height, width), so predictions can be cropped
-  back before scoring (boundary tolerances scale with the true diagonal).
-  """
+def eval_transform(example):
+  """Normalises; 'size' keeps the original (height, width) so predictions can be
+  cropped back before scoring (boundary tolerances scale with the true diagonal).
+  Padding is per batch (`centre_in_batch`)."""
   size = tf.shape(example['image'])[:2]
-  example = dict(example, image=normalize(example['image']))
-  return dict(pad_to(example, *crop_size), size=size)
+  return dict(example, image=normalize(example['image']), size=size)
+
+
+def padding_values(element_spec):
+  """`padded_batch` fill values: 0 for the image, each label's invalid value."""
+  def fill(key, spec):
+    if spec.dtype == tf.string:
+      return tf.constant(b'')
+    return tf.cast(_pad_value(key), spec.dtype)
+  return {key: fill(key, spec) for key, spec in element_spec.items()}
+
+
+def centre_in_batch(batch, min_size):
+  """Re-pads a `padded_batch` batch (filled bottom/right) to at least `min_size`,
+  every example centred (ATRC's PadImage at evaluation), and adds its 'offset'.
+
+  The batch is only as large as its largest image needs (ATRC pads NYUD only up
+  to its crop size, so same-size 480x640 or 425x560 images get no padding).
+  """
+  shape = tf.shape(batch['image'])
+  target = [tf.maximum(shape[1], min_size[0]), tf.maximum(shape[2], min_size[1])]
+  offsets = tf.stack([(target[0] - batch['size'][:, 0]) // 2,
+                      (target[1] - batch['size'][:, 1]) // 2], axis=1)
+  out = dict(batch, offset=offsets)
+  for key in ['image'] + _label_keys(batch):
+    x = batch[key]
+    extra = [[0, 0], [0, target[0] - shape[1]], [0, target[1] - shape[2]]]
+    x = tf.pad(x, extra + [[0, 0]] * (x.shape.rank - 3),
+               constant_values=tf.cast(_pad_value(key), x.dtype))
+    # The fill sits after each image, and at least `offset` of it: rolling moves it in front.
+    out[key] = tf.map_fn(lambda args: tf.roll(args[0], args[1], axis=[0, 1]), (x, offsets),
+                         fn_output_signature=x.dtype)
+  return out

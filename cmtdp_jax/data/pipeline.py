@@ -143,6 +143,12 @@ def eval_dataset(source: Source, config) -> tf.data.Dataset:
   Every host yields the same number of batches (hosts with fewer examples add
   padding examples), and each batch carries a 'mask' of real examples, so the
   jitted eval step never sees a ragged batch and padding never counts.
+
+  Images are padded centred to the largest of the batch, at least
+  `eval_crop_size` (default: the crop size), as ATRC does; 'size' and
+  'offset' locate each original image (`augment.crop_to_original`). The
+  protocol datasets give every batch one shape; a dataset whose images vary
+  beyond `eval_crop_size` compiles the predict step once per batch shape.
   """
   per_host = config.eval_batch_size // jax.process_count()
   split = tfds.split_for_jax_process(source.split, drop_remainder=False)
@@ -150,10 +156,10 @@ def eval_dataset(source: Source, config) -> tf.data.Dataset:
   most_per_host = -(-source.num_examples // jax.process_count())
   num_batches = -(-most_per_host // per_host)
   decode = _decoder(source)
-  crop = tuple(config.data.eval_crop_size or config.data.crop_size)
+  min_size = tuple(config.data.eval_crop_size or config.data.crop_size)
 
   def transform(record, is_real):
-    example = augment.eval_transform(decode(record), crop)
+    example = augment.eval_transform(decode(record))
     if 'id' in record:
       example['id'] = record['id']
     return dict(example, mask=is_real)
@@ -162,7 +168,19 @@ def eval_dataset(source: Source, config) -> tf.data.Dataset:
   padding = local.take(1).map(lambda r: (r, tf.constant(False))).repeat()
   ds = real.concatenate(padding).take(num_batches * per_host)
   ds = ds.map(transform, num_parallel_calls=tf.data.AUTOTUNE)
-  return ds.batch(per_host, drop_remainder=True).prefetch(2)
+  ds = ds.padded_batch(per_host, padding_values=augment.padding_values(ds.element_spec),
+                       drop_remainder=True)
+  return ds.map(lambda batch: augment.centre_in_batch(batch, min_size)).prefetch(2)
+
+
+def update_metrics(metrics, batch, predictions) -> None:
+  """Adds every real example of a host-local eval batch to `metrics` ({task:
+  Metric}), prediction and label cropped back to the original image."""
+  for i in np.flatnonzero(batch['mask']):
+    offset, size = batch['offset'][i], batch['size'][i]
+    for task, metric in metrics.items():
+      metric.update(augment.crop_to_original(predictions[task][i], offset, size),
+                    augment.crop_to_original(batch[task][i], offset, size))
 
 
 def to_global(batch: dict[str, np.ndarray], sharding) -> dict[str, jax.Array]:

@@ -112,10 +112,10 @@ class EvalOutputs:
     predictions = {t: np.asarray(predictions[t]) for t in self.task_names}
     edges = {}
     for i in np.flatnonzero(batch['mask']):
-      height, width = batch['size'][i]
-      example = {k: np.asarray(batch[k][i, :height, :width])
-                 for k in ('image',) + self.task_names}
-      predicted = {t: predictions[t][i, :height, :width] for t in self.task_names}
+      def original(x, i=i):
+        return augment.crop_to_original(np.asarray(x[i]), batch['offset'][i], batch['size'][i])
+      example = {k: original(batch[k]) for k in ('image',) + self.task_names}
+      predicted = {t: original(predictions[t]) for t in self.task_names}
       name = batch['id'][i].decode() if 'id' in batch else self._name(self.count)
       if self.save_predictions:
         os.makedirs(os.path.join(self.folder, 'predictions'), exist_ok=True)

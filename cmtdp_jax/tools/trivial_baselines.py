@@ -66,10 +66,9 @@ def main(argv):
              for t in config.tasks}
   rng = np.random.default_rng(0)
   for batch in pipeline.eval_dataset(eval_source, config).as_numpy_iterator():
-    real = batch['mask']
-    for task, metric in metrics.items():
-      prediction = trivial_prediction(task, stats, batch[task], spec.num_classes, rng)
-      metric.update(np.asarray(prediction)[real], batch[task][real])
+    predictions = {task: np.asarray(trivial_prediction(task, stats, batch[task], spec.num_classes,
+                                                       rng)) for task in metrics}
+    pipeline.update_metrics(metrics, batch, predictions)
   results = {}
   for metric in metrics.values():
     results.update(metric.result())
