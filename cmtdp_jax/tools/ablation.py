@@ -1,80 +1,316 @@
-"""Baseline vs baseline + contrastive regularizer, over several seeds.
+"""The regularizer's effect as a designed study: lambda x training-set size x seeds.
 
-  python -m cmtdp_jax.tools.ablation --config configs/synthetic.py --workdir /tmp/ablation \
-      --seeds 0,1,2
+  python -m cmtdp_jax.tools.ablation --config configs/synthetic.py --workdir runs/study \
+      --results_dir docs/regularizer_study --config.num_steps=1000
 
-Trains every (variant, seed) in `<workdir>/<variant>_seed<seed>` (a finished run is reused, an
-interrupted one resumes), then prints mean +- std of every metric per variant and delta_m of the
-regularized model against the baseline (the baseline takes the place of the single-task
-models), and writes the table to `<workdir>/ablation.md` and the numbers to `ablation.json`.
+The design is fixed by the flags before anything runs:
+- the grid: every `--weights` (lambda; 0 = no regularizer at all, the reference) x every
+  `--train_sizes` (config.data.num_train) x every `--seeds`; the same seeds in every cell, so
+  each cell's difference to lambda 0 is paired by seed;
+- `--extras` at the best lambda of the largest training set (the highest mean delta_m, decided
+  once every seed of that column has finished): `hard` (strategy=hard),
+  `categorical_sources` / `continuous_sources` (source_choice=pairs with only categorical, or
+  only depth/normals, sources for every target);
+- `--more_seeds` are added to a cell (and its lambda-0 reference) whose paired delta_m is
+  within twice its standard error.
+
+Every run trains in `<workdir>/<cell>_seed<seed>`; its result (eval metrics, the regularizer's
+share of the total loss, wall time) is written to `<results_dir>/<cell>_seed<seed>.json`. A run
+whose result file exists is not rerun, so committing `results_dir` makes the study resumable
+from the repository. The summary goes to `<workdir>/study.md` (per cell: mean +- std of every
+task's primary metric, delta_m against lambda 0 with a paired 95% confidence interval over
+seeds, the regularizer's loss share), `study.json` and `delta_m.png`, and the same three files
+into `results_dir`. `--analyze` also measures the paper's Figure 1 premise on seed 0 of the
+lambda-0 and the best-lambda model of the largest training set, side by side in
+`consistency.png`.
 """
 
 from __future__ import annotations
 
+import glob
 import json
 import os
+import platform
+import time
 
 import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
+from scipy import stats as scipy_stats
 
 from cmtdp_jax import evaluation
+from cmtdp_jax import tasks as tasks_lib
 from cmtdp_jax import train
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'Config file (optionally file.py:variant).',
                                 lock_config=False)
 flags.DEFINE_string('workdir', None, 'Directory for all runs and the summary.')
-flags.DEFINE_list('seeds', ['0', '1', '2'], 'Training seeds.')
+flags.DEFINE_string('results_dir', '', "Per-run result files and the summary ('' = workdir).")
+flags.DEFINE_list('weights', ['0', '0.3', '1', '3'], 'Regularizer weights; 0 = regularizer off.')
+flags.DEFINE_list('train_sizes', ['200', '1000'], 'config.data.num_train values.')
+flags.DEFINE_list('seeds', ['0', '1', '2'], 'Training seeds, the same in every cell.')
+flags.DEFINE_list('extras', ['hard', 'categorical_sources', 'continuous_sources'],
+                  'Variants run at the best weight of the largest training set.')
+flags.DEFINE_list('more_seeds', [], 'Seeds added where a paired difference is < 2 SE.')
+flags.DEFINE_bool('analyze', True, 'Figure 1 premise: lambda 0 vs the best lambda.')
 flags.mark_flags_as_required(['config', 'workdir'])
 
-VARIANTS = {'baseline': False, 'contrastive': True}
+CONTINUOUS_KINDS = (tasks_lib.DEPTH, tasks_lib.NORMALS)
 
 
-def run_variant(config, workdir: str, enable: bool, seed: int) -> dict[str, float]:
-  """Final eval results of one run, training it unless they already exist."""
-  final = os.path.join(workdir, 'eval', f'step_{config.num_steps}.json')
-  if os.path.exists(final):
-    with open(final) as f:
-      return json.load(f)
+def source_pairs(task_names, continuous: bool) -> tuple[tuple[str, str], ...]:
+  """Every (target, source) pair whose source is continuous (depth, normals) or categorical."""
+  return tuple((t, s) for t in task_names for s in task_names if s != t and
+               (tasks_lib.get_task(s).label_kind in CONTINUOUS_KINDS) == continuous)
+
+
+def extra_overrides(name: str, task_names) -> dict:
+  if name == 'hard':
+    return {'strategy': 'hard'}
+  if name in ('categorical_sources', 'continuous_sources'):
+    return {'source_choice': 'pairs',
+            'pairs': source_pairs(task_names, name == 'continuous_sources')}
+  raise ValueError(f"--extras: unknown extra '{name}' "
+                   '(valid: hard, categorical_sources, continuous_sources)')
+
+
+def cell_name(train_size: int, weight: float, extra: str = '') -> str:
+  return f'n{train_size}_w{weight:g}' + (f'_{extra}' if extra else '')
+
+
+def cell_config(config, train_size: int, weight: float, extra: str, seed: int):
   config = config.copy_and_resolve_references()
   config.seed = seed
-  config.contrastive.enable = enable
-  return train.train_and_evaluate(config, workdir)
+  config.data.num_train = train_size
+  config.contrastive.enable = weight > 0
+  config.contrastive.weight = weight
+  if extra:
+    config.contrastive.update(extra_overrides(extra, config.tasks))
+  return config
 
 
-def summarize(results: dict[str, list[dict[str, float]]], tasks) -> tuple[str, dict]:
-  """Markdown table of mean +- std per metric and variant, plus delta_m."""
-  keys = sorted({k for runs in results.values() for r in runs for k in r
-                 if k.split('/')[0] in tasks and not k.endswith('threshold')})
-  stats = {v: {k: (float(np.mean([r[k] for r in runs])), float(np.std([r[k] for r in runs])))
-               for k in keys} for v, runs in results.items()}
-  header = '| metric | ' + ' | '.join(results) + ' |'
-  lines = [header, '|' + '---|' * (len(results) + 1)]
-  for key in keys:
-    cells = ' | '.join(f'{stats[v][key][0]:.3f} ± {stats[v][key][1]:.3f}' for v in results)
-    lines.append(f'| {key} | {cells} |')
-  means = {v: {k: m for k, (m, _) in s.items()} for v, s in stats.items()}
-  gain = evaluation.delta_m(means['contrastive'], means['baseline'], tasks=tasks)
-  lines.append('\nBaseline+regularizer (multi-task column) vs baseline (single-task column), '
-               f'means over seeds:\n\n```\n{gain}\n```')
-  return '\n'.join(lines), {'stats': stats, 'delta_m': gain.value}
+def regularizer_share(workdir: str) -> float | None:
+  """Mean over the logged train steps of lambda * regularizer / total loss (TensorBoard)."""
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+  values = {}
+  for path in glob.glob(os.path.join(workdir, 'events.out.tfevents.*')):
+    for event in tf.compat.v1.train.summary_iterator(path):
+      for value in event.summary.value:
+        if value.tag in ('train/loss/contrastive', 'train/loss/total'):
+          values.setdefault(event.step, {})[value.tag] = float(tf.make_ndarray(value.tensor))
+  shares = [v['train/loss/contrastive'] / v['train/loss/total'] for v in values.values()
+            if len(v) == 2 and v['train/loss/total']]
+  return float(np.mean(shares)) if shares else None
+
+
+def run_cell(config, workdir, results_dir, train_size, weight, extra, seed) -> dict:
+  """The result record of one run, training it unless its result file exists."""
+  name = f'{cell_name(train_size, weight, extra)}_seed{seed}'
+  result_path = os.path.join(results_dir, f'{name}.json')
+  if os.path.exists(result_path):
+    with open(result_path) as f:
+      return json.load(f)
+  run_config = cell_config(config, train_size, weight, extra, seed)
+  run_dir = os.path.join(workdir, name)
+  start = time.time()
+  metrics = train.train_and_evaluate(run_config, run_dir)
+  share = regularizer_share(run_dir)
+  record = {'cell': cell_name(train_size, weight, extra), 'seed': seed, 'weight': weight,
+            'train_size': train_size, 'extra': extra, 'num_steps': run_config.num_steps,
+            'metrics': metrics, 'edge_options': evaluation.metric_options(run_config, 'edge'),
+            'regularizer_share': None if share is None else weight * share,
+            'wall_seconds': round(time.time() - start, 1),
+            'machine': f'{platform.node()} {platform.machine()} {os.cpu_count()} cores'}
+  os.makedirs(results_dir, exist_ok=True)
+  with open(result_path, 'w') as f:
+    json.dump(record, f, indent=2, sort_keys=True)
+  return record
+
+
+def paired_delta_m(runs, reference, tasks) -> dict:
+  """delta_m of each seed against the same seed's reference; mean and 95% t-interval."""
+  by_seed = {r['seed']: r for r in reference}
+  deltas = [evaluation.delta_m(r['metrics'], by_seed[r['seed']]['metrics'], tasks=tasks).value
+            for r in runs if r['seed'] in by_seed]
+  if not deltas:
+    return {'n': 0, 'mean': None, 'low': None, 'high': None, 'se': None}
+  mean = float(np.mean(deltas))
+  if len(deltas) < 2:
+    return {'n': 1, 'mean': mean, 'low': None, 'high': None, 'se': None}
+  se = float(np.std(deltas, ddof=1) / np.sqrt(len(deltas)))
+  half = float(scipy_stats.t.ppf(0.975, len(deltas) - 1) * se)
+  return {'n': len(deltas), 'mean': mean, 'low': mean - half, 'high': mean + half, 'se': se}
+
+
+def summarize_cell(runs, reference, tasks) -> dict:
+  """Mean +- std of the primary metrics; delta_m against `reference` (None: this is it)."""
+  primary = {t: evaluation.PRIMARY_METRICS[t] for t in tasks if t in evaluation.PRIMARY_METRICS}
+  metrics = {key: (float(np.mean([r['metrics'][key] for r in runs])),
+                   float(np.std([r['metrics'][key] for r in runs])))
+             for key in primary.values()}
+  shares = [r['regularizer_share'] for r in runs if r.get('regularizer_share') is not None]
+  return {'seeds': sorted(r['seed'] for r in runs), 'metrics': metrics,
+          'delta_m': None if reference is None else paired_delta_m(runs, reference, tasks),
+          'regularizer_share': float(np.mean(shares)) if shares else None}
+
+
+def markdown_table(summaries: dict, tasks) -> str:
+  keys = [evaluation.PRIMARY_METRICS[t] for t in tasks if t in evaluation.PRIMARY_METRICS]
+  header = ['cell', 'seeds'] + keys + ['delta_m % (95% CI)', 'reg. share']
+  lines = ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
+  for name, s in summaries.items():
+    cells = [f'{s["metrics"][k][0]:.3f} ± {s["metrics"][k][1]:.3f}' for k in keys]
+    d = s['delta_m']
+    if d is None:
+      delta = 'reference'
+    elif d['low'] is None:
+      delta = 'n/a' if d['mean'] is None else f'{d["mean"]:+.2f} (1 seed)'
+    else:
+      delta = f'{d["mean"]:+.2f} [{d["low"]:+.2f}, {d["high"]:+.2f}]'
+    share = '-' if s['regularizer_share'] is None else f'{s["regularizer_share"]:.3f}'
+    lines.append(f'| {name} | {len(s["seeds"])} | ' + ' | '.join(cells) +
+                 f' | {delta} | {share} |')
+  return '\n'.join(lines)
+
+
+def plot_delta_m(summaries: dict, path: str) -> None:
+  """delta_m (paired 95% CI) against lambda, one line per training-set size."""
+  from matplotlib.backends.backend_agg import FigureCanvasAgg  # pylint: disable=import-outside-toplevel
+  from matplotlib.figure import Figure  # pylint: disable=import-outside-toplevel
+  figure = Figure(figsize=(5.0, 3.4), dpi=120)
+  FigureCanvasAgg(figure)
+  ax = figure.add_subplot()
+  sizes = sorted({s['train_size'] for s in summaries.values()})
+  for size in sizes:
+    points = sorted((s['weight'], s['delta_m']) for s in summaries.values()
+                    if s['train_size'] == size and not s['extra'] and s['delta_m']
+                    and s['delta_m']['mean'] is not None)
+    if not points:
+      continue
+    x = [w for w, _ in points]
+    y = [d['mean'] for _, d in points]
+    err = [[d['mean'] - (d['low'] if d['low'] is not None else d['mean']) for _, d in points],
+           [(d['high'] if d['high'] is not None else d['mean']) - d['mean'] for _, d in points]]
+    ax.errorbar(x, y, yerr=err, marker='o', capsize=3, label=f'{size} training scenes')
+  ax.axhline(0.0, color='grey', lw=0.8)
+  ax.set_xscale('symlog', linthresh=0.3)
+  ax.set_xlabel('lambda (regularizer weight)')
+  ax.set_ylabel('delta_m vs lambda 0 (%)')
+  ax.set_title('Regularizer effect, paired 95% CI over seeds', fontsize=9)
+  ax.legend(fontsize=8)
+  figure.tight_layout()
+  figure.savefig(path)
+
+
+def plot_consistency(before: dict, after: dict, path: str, labels) -> None:
+  """Fraction of triplets with d(a,p) < d(a,n) per (target, source) pair, two models."""
+  from matplotlib.backends.backend_agg import FigureCanvasAgg  # pylint: disable=import-outside-toplevel
+  from matplotlib.figure import Figure  # pylint: disable=import-outside-toplevel
+  pairs = list(before['pairs'])
+  figure = Figure(figsize=(max(6.0, 0.32 * len(pairs)), 3.8), dpi=120)
+  FigureCanvasAgg(figure)
+  ax = figure.add_subplot()
+  x = np.arange(len(pairs))
+  for offset, results, label in ((-0.2, before, labels[0]), (0.2, after, labels[1])):
+    fractions = [results['pairs'][p]['fraction_closer'] or 0.0 for p in pairs]
+    ax.bar(x + offset, fractions, width=0.4, label=label)
+  ax.axhline(0.5, color='grey', lw=0.8, ls='--')
+  ax.set_xticks(x, pairs, rotation=90, fontsize=6)
+  ax.set_ylabel('triplets with d(a,p) < d(a,n)')
+  ax.set_ylim(0, 1)
+  ax.legend(fontsize=7, loc='lower right')
+  figure.tight_layout()
+  figure.savefig(path)
+
+
+def best_weight(summaries: dict, train_size: int) -> float | None:
+  candidates = [(s['delta_m']['mean'], s['weight']) for s in summaries.values()
+                if s['train_size'] == train_size and not s['extra'] and s['weight'] > 0
+                and s['delta_m'] and s['delta_m']['mean'] is not None]
+  return max(candidates)[1] if candidates else None
+
+
+def run_study(config, workdir: str, results_dir: str, weights, train_sizes, seeds, extras,
+              more_seeds, analyze: bool) -> dict:
+  tasks = tuple(config.tasks)
+  runs = {}
+
+  def run(train_size, weight, extra, cell_seeds):
+    for seed in cell_seeds:
+      record = run_cell(config, workdir, results_dir, train_size, weight, extra, seed)
+      runs.setdefault((train_size, weight, extra), {})[seed] = record
+
+  def summaries():
+    out = {}
+    for (train_size, weight, extra), by_seed in runs.items():
+      reference = list(runs.get((train_size, 0.0, ''), {}).values()) if weight > 0 else None
+      summary = summarize_cell(list(by_seed.values()), reference, tasks)
+      out[cell_name(train_size, weight, extra)] = dict(
+          summary, train_size=train_size, weight=weight, extra=extra)
+    return out
+
+  # Seed by seed, so an interrupted study has every cell at the same number of seeds.
+  for seed in seeds:
+    for train_size in train_sizes:
+      for weight in weights:
+        run(train_size, weight, '', [seed])
+  for name, s in summaries().items():
+    d = s['delta_m']
+    if more_seeds and d and d['se'] is not None and abs(d['mean']) < 2 * d['se']:
+      run(s['train_size'], 0.0, '', more_seeds)
+      run(s['train_size'], s['weight'], s['extra'], more_seeds)
+  largest = max(train_sizes)
+  best = best_weight(summaries(), largest)
+  if best is not None:
+    for extra in extras:
+      run(largest, best, extra, seeds)
+
+  final = summaries()
+  table = markdown_table(final, tasks)
+  wall = sum(r['wall_seconds'] for by_seed in runs.values() for r in by_seed.values())
+  header = (f'{config.num_steps} steps per run, seeds {",".join(map(str, seeds))}; '
+            f'best lambda of {largest} scenes: {best}; {wall / 3600:.2f} h of training and '
+            'evaluation in all')
+  summary = {'design': {'weights': weights, 'train_sizes': train_sizes, 'seeds': seeds,
+                        'extras': extras, 'more_seeds': more_seeds,
+                        'num_steps': config.num_steps},
+             'best_weight': best, 'cells': final, 'wall_seconds': wall}
+  for folder in {workdir, results_dir}:
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, 'study.md'), 'w') as f:
+      f.write(header + '\n\n' + table + '\n')
+    with open(os.path.join(folder, 'study.json'), 'w') as f:
+      json.dump(summary, f, indent=2, sort_keys=True)
+    plot_delta_m(final, os.path.join(folder, 'delta_m.png'))
+  print(f'\n{header}\n{table}', flush=True)
+  if analyze and best is not None:
+    _analyze_premise(config, workdir, results_dir, largest, best, seeds[0])
+  return summary
+
+
+def _analyze_premise(config, workdir, results_dir, train_size, weight, seed):
+  from cmtdp_jax import analysis  # pylint: disable=import-outside-toplevel
+  measured = []
+  for w in (0.0, weight):
+    name = f'{cell_name(train_size, w)}_seed{seed}'
+    # Triplets from every other task's labels, also for the model trained without them.
+    run_config = cell_config(config, train_size, w, '', seed)
+    measured.append(analysis.analyze(run_config, os.path.join(workdir, name)))
+  for folder in {workdir, results_dir}:
+    plot_consistency(*measured, os.path.join(folder, 'consistency.png'),
+                     ('lambda 0 (raw features, no regularizer)',
+                      f'lambda {weight:g} (trained projectors)'))
+    with open(os.path.join(folder, 'consistency.json'), 'w') as f:
+      json.dump({'lambda_0': measured[0], f'lambda_{weight:g}': measured[1]}, f, indent=2)
 
 
 def main(argv):
   del argv
-  config, workdir = FLAGS.config, FLAGS.workdir
-  results = {v: [] for v in VARIANTS}
-  for seed in map(int, FLAGS.seeds):
-    for variant, enable in VARIANTS.items():
-      run_dir = os.path.join(workdir, f'{variant}_seed{seed}')
-      results[variant].append(run_variant(config, run_dir, enable, seed))
-  table, summary = summarize(results, tuple(config.tasks))
-  print(f'\n{len(FLAGS.seeds)} seeds, {config.num_steps} steps each\n{table}')
-  with open(os.path.join(workdir, 'ablation.md'), 'w') as f:
-    f.write(table + '\n')
-  with open(os.path.join(workdir, 'ablation.json'), 'w') as f:
-    json.dump({'seeds': FLAGS.seeds, 'results': results, **summary}, f, indent=2)
+  run_study(FLAGS.config, FLAGS.workdir, FLAGS.results_dir or FLAGS.workdir,
+            [float(w) for w in FLAGS.weights], [int(n) for n in FLAGS.train_sizes],
+            [int(s) for s in FLAGS.seeds], list(FLAGS.extras),
+            [int(s) for s in FLAGS.more_seeds], FLAGS.analyze)
 
 
 if __name__ == '__main__':
