@@ -26,6 +26,7 @@ from cmtdp_jax import checkpointing
 from cmtdp_jax import config_lib
 from cmtdp_jax import data as data_lib
 from cmtdp_jax import evaluation
+from cmtdp_jax import progress
 from cmtdp_jax import sharding
 from cmtdp_jax import steps
 from cmtdp_jax.data import pipeline
@@ -137,9 +138,18 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
   try:
     with jax.set_mesh(mesh), steps.count_compilations() as compilations:
       for step in range(start_step + 1, config.num_steps + 1):
-        state, metrics = train_step(state, next(batches))
+        batch = next(batches)
+        call_start = time.time()
+        state, metrics = train_step(state, batch)
+        call_seconds = time.time() - call_start
         pending.append(metrics)
-        if step % config.log_every == 0 or step == config.num_steps:
+        is_log_step = step % config.log_every == 0 or step == config.num_steps
+        if step == start_step + 1 and not is_log_step:
+          # Once per run, so the first line comes now rather than `log_every` steps later.
+          _log_first_step(step, config.num_steps, jax.device_get(metrics),
+                          time.time() - last_log, call_seconds)
+          last_log, last_log_step = time.time(), step  # the rates leave the compile out
+        if is_log_step:
           averaged = _mean_metrics(pending)
           pending = []
           now = time.time()
@@ -200,12 +210,15 @@ def run_evaluation(config, model, state, eval_source, mesh, outputs=None) -> dic
   predict = _predict_step(model, tuple(config.tasks), mesh)
   metrics = {t: evaluation.make_metric(t, **evaluation.metric_options(config, t))
              for t in config.tasks}
+  shown = progress.Progress('evaluation', eval_source.num_examples, 'images',
+                            enabled=jax.process_index() == 0)
   for batch in pipeline.eval_dataset(eval_source, config).as_numpy_iterator():
     images = pipeline.to_global({'image': batch['image']}, batch_sharding)['image']
     predictions = predict(state.params['model'], state.batch_stats, images)
     local = jax.tree.map(np.asarray, multihost_utils.global_array_to_host_local_array(
         predictions, mesh, batch_sharding.spec))
     pipeline.update_metrics(metrics, batch, local)
+    shown.advance(int(batch['mask'].sum()) * jax.process_count())  # hosts hold equal shares
     if outputs:
       outputs.add(batch, local)
   if outputs:
@@ -266,13 +279,23 @@ def _mean_metrics(pending):
 
 def _log_progress(step, total, metrics, images_per_second, batch_size, writer):
   eta = (total - step) * batch_size / max(images_per_second, 1e-9)
+  _print_step(step, total, metrics,
+              f'{images_per_second:.1f} img/s | ETA {progress.format_duration(eta)}')
+  _write_scalars(writer, step, metrics, 'train')
+
+
+def _log_first_step(step, total, metrics, seconds, call_seconds):
+  """The first step's line; `call_seconds` is the train step's call, which returns once
+  traced and compiled (the step itself runs asynchronously)."""
+  _print_step(step, total, metrics,
+              f'first step {seconds:.1f}s (compile {call_seconds:.1f}s)')
+
+
+def _print_step(step, total, metrics, tail):
   losses = ' '.join(f"{k.split('/', 1)[1]} {v:.4f}" for k, v in metrics.items()
                     if k.startswith('loss/'))
-  line = (f'step {step}/{total} | {losses} | {images_per_second:.1f} img/s | '
-          f'ETA {int(eta // 60)}m{int(eta % 60):02d}s')
   if jax.process_index() == 0:
-    print(line, flush=True)
-  _write_scalars(writer, step, metrics, 'train')
+    print(f'step {step}/{total} | {losses} | {tail}', flush=True)
 
 
 def _write_scalars(writer, step, values, prefix):

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -77,6 +78,15 @@ def test_train_writes_eval_json_table_and_checkpoints(runs):
               'human_parts/mIoU'):
     assert key in results and np.isfinite(results[key]), key
   assert 'step 12/12' in runs['first'].stdout
+  # The first step has its line at once (not log_every=10 steps later), evaluation its
+  # progress; captured without a TTY, so plain lines.
+  out = runs['first'].stdout
+  assert re.search(r'^step 1/12 \| .*semseg .* \| first step [\d.]+s \(compile [\d.]+s\)$',
+                   out, re.MULTILINE), out
+  assert out.index('step 1/12') < out.index('step 10/12')
+  assert re.search(r'^evaluation: 16/16 images \(100%\) \| [\d.]+ images/s \| done in', out,
+                   re.MULTILINE), out
+  assert '\r' not in out and '\x1b' not in out
   # One compilation for the whole run: pipeline batches never change shape or sharding.
   assert 'Train step compilations in this run: 1' in runs['first'].stderr
   assert 'the train step compiled' not in runs['first'].stderr

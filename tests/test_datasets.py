@@ -13,6 +13,7 @@ import os
 import pathlib
 import subprocess
 import sys
+import threading
 
 import jax
 import numpy as np
@@ -26,7 +27,7 @@ tf = pytest.importorskip('tensorflow')
 from cmtdp_jax import config_lib, protocol  # noqa: E402
 from cmtdp_jax import data as data_lib  # noqa: E402
 from cmtdp_jax.data import (augment, folder_io, nyud, pascal_context, pipeline,  # noqa: E402
-                            prepare)
+                            prepare, synthetic, synthetic_world)
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 NYUD_IDS = {'train': ('a1', 'a2', 'a3'), 'val': ('b1', 'b2')}
@@ -122,6 +123,37 @@ def test_nyud_packaging_is_detected_and_decoded_to_task_conventions(tmp_path, pa
     np.testing.assert_array_equal(example['image'], np.asarray(Image.open(image_file)))
     if packaging == 'nyud_mt':
       assert (example['normals'][2, :5] == 0).all()
+
+
+def test_two_runs_preparing_one_dataset_share_the_first_ones_result(
+    tmp_path, monkeypatch, capsys):
+  """The second run starts while the first is generating (TFDS alone: FileExistsError
+  at the second rename); it waits, then reads what the first one wrote."""
+  config = _data_config(tmp_path, 'synthetic')
+  config.image_size, config.num_train, config.num_eval = (32, 32), 4, 2
+  builders, rendered = {}, []
+  second = threading.Thread(
+      target=lambda: builders.setdefault('second', synthetic.make_builder(config)))
+  render = synthetic_world.render_scene
+
+  def render_and_start_the_second_run(*args):
+    rendered.append(args)
+    if len(rendered) == 1:
+      second.start()
+      second.join(timeout=2)  # without the lock it would finish meanwhile
+    return render(*args)
+  monkeypatch.setattr(synthetic_world, 'render_scene', render_and_start_the_second_run)
+  builders['first'] = synthetic.make_builder(config)
+  second.join()
+  for builder in builders.values():
+    assert {s: i.num_examples for s, i in builder.info.splits.items()} == {
+        'train': 4, 'validation': 2}
+  assert len(rendered) == 6  # generated once
+  out = capsys.readouterr().out
+  assert 'Waiting for another run preparing synthetic_world/32x32_train4_eval2' in out
+  # Progress with totals instead of TFDS's wording and bars, plain lines without a TTY.
+  assert 'generating train: 4/4 examples (100%)' in out and 'Unknown size' not in out
+  assert '\r' not in out
 
 
 def test_unprepared_dataset_error_names_the_prepare_command(tmp_path):

@@ -6,9 +6,10 @@ that fail with one line naming the file (`FolderError`, a ValueError, so
 `pipeline._decoder` reads, and `make_builder`, which finds or prepares the
 dataset for a `config.data`.
 
-Preparation goes through `download_and_prepare`, which writes into a
-temporary folder and renames it only when every split is complete, so a
-failed preparation never leaves a dataset that looks finished.
+Preparation goes through `generation.prepare` (safe when runs race) and
+TFDS's `download_and_prepare`, which writes into a temporary folder and
+renames it only when every split is complete, so a failed preparation never
+leaves a dataset that looks finished.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ import numpy as np
 import scipy.io
 import tensorflow_datasets as tfds
 from PIL import Image
+
+from cmtdp_jax.data import generation
 
 
 class FolderError(ValueError):
@@ -155,8 +158,9 @@ def make_builder(builder_cls, data_config, detect_packaging, layout):
   if not builder.is_prepared():
     if not src:
       raise _not_prepared(builder_cls.name, data_dir, layout)
-    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-        manual_dir=src, try_download_gcs=False))
+    builder = generation.prepare(
+        lambda: builder_cls(config=packaging, data_dir=data_dir),
+        tfds.download.DownloadConfig(manual_dir=src, try_download_gcs=False))
   return builder
 
 

@@ -27,6 +27,7 @@ import tensorflow_datasets as tfds
 from cmtdp_jax import data as data_lib
 from cmtdp_jax import tasks as tasks_lib
 from cmtdp_jax.data import folder_io
+from cmtdp_jax.data import generation
 
 LAYOUT = ('a NYUD_MT or NYUDv2 folder with images/, segmentation/, depth/, normals/, edge/ '
           'and gt_sets/{train,val}.txt')
@@ -101,7 +102,7 @@ def _edge(path, size):
 _READERS = {'semseg': _semseg, 'depth': _depth, 'normals': _normals, 'edge': _edge}
 
 
-class Nyud(tfds.core.GeneratorBasedBuilder):
+class Nyud(generation.Builder):
   """NYUD-v2 multi-task labels, from the folder given as the manual dir."""
 
   name = 'nyud'
@@ -129,7 +130,7 @@ class Nyud(tfds.core.GeneratorBasedBuilder):
     for split, list_name in SPLIT_LISTS.items():
       ids = folder_io.read_ids(os.path.join(src, 'gt_sets', list_name))
       # Every file is checked before anything is written.
-      splits[split] = self._generate_examples([self._files(src, i) for i in ids])
+      splits[split] = self._generate_examples(split, [self._files(src, i) for i in ids])
     return splits
 
   def _files(self, src, example_id):
@@ -140,8 +141,8 @@ class Nyud(tfds.core.GeneratorBasedBuilder):
       folder_io.require_file(path)
     return dict(files, id=example_id)
 
-  def _generate_examples(self, examples):
-    for index, files in enumerate(examples):
+  def _generate_examples(self, split, examples):
+    for index, files in enumerate(generation.examples(examples, split, len(examples))):
       image = folder_io.read_rgb(files['image'])
       size = image.shape[:2]
       labels = {task: read(files[task], size) for task, read in _READERS.items()}

@@ -31,6 +31,7 @@ import tensorflow_datasets as tfds
 from cmtdp_jax import data as data_lib
 from cmtdp_jax import tasks as tasks_lib
 from cmtdp_jax.data import folder_io
+from cmtdp_jax.data import generation
 
 LAYOUT = ('a PASCAL_MT folder with JPEGImages/, ImageSets/Context/, semseg/, '
           'pascal-context/trainval/, human_parts/, normals_distill/, sal_distill/')
@@ -173,7 +174,7 @@ def _example(files, normals_valid):
   }
 
 
-class PascalContext(tfds.core.GeneratorBasedBuilder):
+class PascalContext(generation.Builder):
   """PASCAL-Context multi-task labels, from the folder given as the manual dir."""
 
   name = 'pascal_context'
@@ -206,11 +207,11 @@ class PascalContext(tfds.core.GeneratorBasedBuilder):
         continue
       # Every file is checked before anything is written.
       files = [_files(src, i) for i in folder_io.read_ids(list_path)]
-      splits[split] = self._generate_examples(files, normals_valid)
+      splits[split] = self._generate_examples(split, files, normals_valid)
     return splits
 
-  def _generate_examples(self, examples, normals_valid):
-    for index, files in enumerate(examples):
+  def _generate_examples(self, split, examples, normals_valid):
+    for index, files in enumerate(generation.examples(examples, split, len(examples))):
       yield index, _example(files, normals_valid)
 
 

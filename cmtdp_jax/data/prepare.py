@@ -5,9 +5,10 @@
       --data_dir /data/tfds
 
 Recognises the folder's packaging (NYUD: nyud_mt or nyudv2), builds every
-split with TFDS progress bars, then prints a summary: examples per split and
-each class-map task's share of pixels per class. A missing, unreadable or
-inconsistent file stops it with one line naming the file and exit code 1;
+split with a progress line (total and ETA), then prints a summary: examples
+per split and each class-map task's share of pixels per class. A missing,
+unreadable or inconsistent file stops it with one line naming the file and
+exit code 1;
 TFDS renames the dataset into place only once complete, so nothing
 half-written is left behind. A dataset already prepared is only summarised.
 """

@@ -12,6 +12,7 @@ import dataclasses
 import numpy as np
 import tensorflow_datasets as tfds
 
+from cmtdp_jax.data import generation
 from cmtdp_jax.data import synthetic_world
 
 # Scene seeds of the eval split start here, so train and eval never overlap.
@@ -27,7 +28,7 @@ class SyntheticConfig(tfds.core.BuilderConfig):
   seed: int = 0
 
 
-class SyntheticWorld(tfds.core.GeneratorBasedBuilder):
+class SyntheticWorld(generation.Builder):
   """Rooms with objects and an articulated 'person', labelled for six tasks."""
 
   VERSION = tfds.core.Version('1.0.0')
@@ -55,14 +56,14 @@ class SyntheticWorld(tfds.core.GeneratorBasedBuilder):
     del dl_manager
     c = self.builder_config
     return {
-        'train': self._generate_examples(c.seed * 100_000_000, c.num_train),
+        'train': self._generate_examples('train', c.seed * 100_000_000, c.num_train),
         'validation': self._generate_examples(
-            c.seed * 100_000_000 + EVAL_SEED_OFFSET, c.num_eval),
+            'validation', c.seed * 100_000_000 + EVAL_SEED_OFFSET, c.num_eval),
     }
 
-  def _generate_examples(self, first_seed, count):
+  def _generate_examples(self, split, first_seed, count):
     c = self.builder_config
-    for i in range(count):
+    for i in generation.examples(range(count), split, count):
       yield i, synthetic_world.render_scene(first_seed + i, c.height, c.width)
 
 
@@ -74,6 +75,5 @@ def make_builder(data_config):
            f'_seed{data_config.dataset_seed}',
       height=height, width=width, num_train=data_config.num_train,
       num_eval=data_config.num_eval, seed=data_config.dataset_seed)
-  builder = SyntheticWorld(config=config, data_dir=data_config.data_dir or None)
-  builder.download_and_prepare()
-  return builder
+  return generation.prepare(
+      lambda: SyntheticWorld(config=config, data_dir=data_config.data_dir or None))
