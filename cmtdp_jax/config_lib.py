@@ -89,6 +89,10 @@ def base_config() -> ml_collections.ConfigDict:
   config.eval = ml_collections.ConfigDict()
   # Per-task options of evaluation.make_metric (num_classes comes from the dataset).
   config.eval.metric_options = ml_collections.ConfigDict({'edge': {'max_dist': 0.011}})
+  # Score `subset_tasks` only on the eval images that are also in split `subset_split`
+  # ('' = all of them); PASCAL: edges on SEISM's test_new, the other tasks on all of val.
+  config.eval.subset_split = ''
+  config.eval.subset_tasks = ('edge',)
   # Extra outputs under <workdir>/eval/step_<N>/ (evaluation/visualize.py):
   config.eval.save_predictions = False  # predictions/<index>.npz, task-space, unpadded
   config.eval.num_visualize = 0  # vis/<index>.png grids (+ TensorBoard) of the first N images

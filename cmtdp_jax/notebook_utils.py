@@ -22,7 +22,6 @@ import ml_collections
 import numpy as np
 
 from cmtdp_jax import checkpointing
-from cmtdp_jax import data as data_lib
 from cmtdp_jax import evaluation
 from cmtdp_jax import steps
 from cmtdp_jax import tasks as tasks_lib
@@ -200,9 +199,7 @@ def load_predictor(config, workdir: str):
 def eval_examples(config, num: int) -> dict[str, np.ndarray]:
   """The first `num` real examples of the eval split, as the eval step sees them."""
   from cmtdp_jax.data import pipeline  # pylint: disable=import-outside-toplevel
-  spec = data_lib.get_dataset_spec(config.data.name)
-  split = config.data.get('eval_split') or spec.eval_split
-  source = pipeline.open_split(config.data, split, config.tasks)
+  source = pipeline.open_eval_split(config)
   keys = ('image', 'size', 'offset') + tuple(config.tasks)
   collected = {k: [] for k in keys}
   count = 0

@@ -31,13 +31,16 @@ class Protocol:
   lr: float
   edge_pos_weight: float
   edge_max_dist: float
+  # The split whose images the boundary scores use ('' = the whole eval split).
+  edge_subset: str = ''
 
 
 PROTOCOLS = {
     'nyud': Protocol(crop_size=(425, 560), eval_crop_size=(425, 560), lr=0.01,
                      edge_pos_weight=0.8, edge_max_dist=0.011),
     'pascal_context': Protocol(crop_size=(512, 512), eval_crop_size=(512, 512), lr=0.005,
-                               edge_pos_weight=0.95, edge_max_dist=0.0075),
+                               edge_pos_weight=0.95, edge_max_dist=0.0075,
+                               edge_subset='test_new'),
 }
 
 
@@ -74,6 +77,8 @@ def protocol_config(dataset: str, backbone: str, framework: str,
   config.eval_batch_size = 8
   config.num_steps = 40_000
   config.eval.metric_options.edge.max_dist = protocol.edge_max_dist
+  config.eval.subset_split = protocol.edge_subset
+  config.eval.subset_tasks = ('edge',)
 
   _apply_variant(config, variant)
   # Loss options may only name trained tasks (config_lib.validate).

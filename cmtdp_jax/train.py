@@ -123,8 +123,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
   train_step = steps.make_train_step(trainer, state_sharding, batch_sharding,
                                      sharding.replicated(mesh))
   train_source = pipeline.open_split(config.data, spec.train_split, config.tasks)
-  eval_source = pipeline.open_split(config.data, config.data.eval_split or spec.eval_split,
-                                     config.tasks)
+  eval_source = pipeline.open_eval_split(config)
   batches = pipeline.global_batches(
       pipeline.train_dataset(train_source, config, start_step), batch_sharding,
       config.data.device_prefetch)
@@ -183,13 +182,12 @@ def restore(config, workdir: str, step: int | None = None):
 
   Returns (mesh, model, trainer, state, eval_source).
   """
-  mesh, spec, model, trainer, _, abstract, state_sharding = _setup(config, workdir)
+  mesh, _, model, trainer, _, abstract, state_sharding = _setup(config, workdir)
   checkpointer = checkpointing.Checkpointer(workdir, config.checkpoint_every,
                                             config.keep_checkpoints)
   state = checkpointer.restore(checkpointing.abstract_like(abstract, state_sharding), step)
   checkpointer.close()
-  eval_source = pipeline.open_split(config.data, config.data.eval_split or spec.eval_split,
-                                     config.tasks)
+  eval_source = pipeline.open_eval_split(config)
   return mesh, model, trainer, state, eval_source
 
 
@@ -208,8 +206,8 @@ def run_evaluation(config, model, state, eval_source, mesh, outputs=None) -> dic
   """
   batch_sharding = sharding.batch_sharding(mesh)
   predict = _predict_step(model, tuple(config.tasks), mesh)
-  metrics = {t: evaluation.make_metric(t, **evaluation.metric_options(config, t))
-             for t in config.tasks}
+  metrics = pipeline.eval_metrics(config, eval_source)
+  counts = dict.fromkeys(metrics, 0)
   shown = progress.Progress('evaluation', eval_source.num_examples, 'images',
                             enabled=jax.process_index() == 0)
   for batch in pipeline.eval_dataset(eval_source, config).as_numpy_iterator():
@@ -217,13 +215,14 @@ def run_evaluation(config, model, state, eval_source, mesh, outputs=None) -> dic
     predictions = predict(state.params['model'], state.batch_stats, images)
     local = jax.tree.map(np.asarray, multihost_utils.global_array_to_host_local_array(
         predictions, mesh, batch_sharding.spec))
-    pipeline.update_metrics(metrics, batch, local)
+    for task, count in pipeline.update_metrics(metrics, batch, local).items():
+      counts[task] += count
     shown.advance(int(batch['mask'].sum()) * jax.process_count())  # hosts hold equal shares
     if outputs:
       outputs.add(batch, local)
   if outputs:
     outputs.close()
-  return _merge_across_hosts(metrics)
+  return _merge_across_hosts(metrics, counts)
 
 
 @functools.lru_cache(maxsize=4)
@@ -236,13 +235,18 @@ def _predict_step(model, task_names, mesh):
                  out_shardings=sharding.batch_sharding(mesh))
 
 
-def _merge_across_hosts(metrics) -> dict[str, float]:
+def _merge_across_hosts(metrics, counts) -> dict[str, float]:
+  """Every metric's results over all hosts, and '<task>/images': how many images each
+  task was scored on (the eval JSON says so when a task is scored on a subset)."""
   results = {}
-  for metric in metrics.values():
+  for task, metric in metrics.items():
+    count = np.int64(counts[task])
     if jax.process_count() > 1:
       summed = jax.tree.map(lambda x: np.sum(_allgather_exact(x), axis=0), metric.state)
       metric = type(metric).from_state(summed, metric)
+      count = np.sum(_allgather_exact(count))
     results.update(metric.result())
+    results[f'{task}/images'] = float(count)
   return results
 
 

@@ -357,6 +357,37 @@ def test_variable_sizes_pad_to_the_eval_size(tmp_path):
   assert (batch['semseg'][1, :, :3] == 255).all() and (batch['semseg'][1, :, 13:] == 255).all()
 
 
+def test_pascal_protocol_scores_edges_on_test_new_and_the_rest_on_val(tmp_path):
+  """The literature's PASCAL evaluation in one run: boundaries on SEISM's test_new ids, every
+  other task on all val images (here 1 of 3 and 3)."""
+  src = tmp_path / 'src'
+  _write_pascal(src)
+  config = config_lib.base_config()
+  config.data = _data_config(tmp_path, 'pascal_context', src)
+  config.tasks = ('semseg', 'edge')
+  config.eval_batch_size = 2
+  config.eval.metric_options.edge.thresholds = 5
+  assert protocol.protocol_config('pascal_context', 'compact', 'baseline').eval.subset_split == \
+      'test_new'
+  config.eval.subset_split = 'test_new'
+  source = pipeline.open_eval_split(config)
+  assert source.split == 'validation' and source.subset_ids == frozenset({'2008_000003'})
+  metrics = pipeline.eval_metrics(config, source)
+  counts = {'semseg': 0, 'edge': 0}
+  for batch in pipeline.eval_dataset(source, config).as_numpy_iterator():
+    perfect = {t: np.where(batch[t] == 255, 0, batch[t]).astype(np.float32) if t == 'edge'
+               else batch[t] for t in config.tasks}
+    for task, count in pipeline.update_metrics(metrics, batch, perfect).items():
+      counts[task] += count
+  assert counts == {'semseg': 3, 'edge': 1}
+  assert metrics['semseg'].result()['semseg/mIoU'] == pytest.approx(100.0)
+  config.eval.subset_split = 'missing'
+  with pytest.raises(ValueError, match="config.eval.subset_split: .* no split 'missing'"):
+    pipeline.open_eval_split(config)
+  config.tasks = ('semseg',)  # no task is scored on the subset: nothing to read
+  assert pipeline.open_eval_split(config).subset_ids is None
+
+
 @pytest.mark.parametrize('device_prefetch', [0, 1, 3, 10])
 def test_device_prefetch_keeps_order_and_runs_ahead(monkeypatch, device_prefetch):
   images = np.arange(5 * 8 * 2, dtype=np.float32).reshape(5, 8, 2)

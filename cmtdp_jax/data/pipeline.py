@@ -19,6 +19,7 @@ import tensorflow_datasets as tfds
 from jax.experimental import multihost_utils
 
 from cmtdp_jax import data as data_lib
+from cmtdp_jax import evaluation
 from cmtdp_jax import tasks as tasks_lib
 from cmtdp_jax.data import augment
 
@@ -35,6 +36,8 @@ class Source:
   tasks: tuple[str, ...]
   split: str
   num_examples: int  # over all processes
+  # Ids of `config.eval.subset_split`, the images `config.eval.subset_tasks` are scored on.
+  subset_ids: frozenset[str] | None = None
 
 
 def open_split(data_config, split: str, task_names) -> Source:
@@ -53,6 +56,44 @@ def open_split(data_config, split: str, task_names) -> Source:
     raise ValueError(f"dataset '{spec.name}' has no split '{split}' "
                      f"(it has {', '.join(builder.info.splits)})")
   return Source(builder, tuple(task_names), split, builder.info.splits[split].num_examples)
+
+
+def open_eval_split(config) -> Source:
+  """The eval split (`config.data.eval_split`, default the dataset's), with the ids
+  of `config.eval.subset_split` when some tasks are scored on a subset of it.
+
+  The literature scores PASCAL-Context's boundaries on SEISM's `test_new` list
+  (2498 of the 5105 val images) and every other task on all of val: the PASCAL
+  protocol sets subset_split='test_new', subset_tasks=('edge',).
+  """
+  spec = data_lib.get_dataset_spec(config.data.name)
+  source = open_split(config.data, config.data.eval_split or spec.eval_split, config.tasks)
+  subset = config.eval.subset_split
+  if not subset or not set(config.eval.subset_tasks) & set(config.tasks):
+    return source
+  if subset not in source.builder.info.splits:
+    raise ValueError(f"config.eval.subset_split: dataset '{spec.name}' has no split '{subset}' "
+                     f"(it has {', '.join(source.builder.info.splits)}); PASCAL-Context: copy "
+                     "SEISM's list to ImageSets/Context/test_new.txt and prepare again")
+  if 'id' not in source.builder.info.features:
+    raise ValueError(f"config.eval.subset_split: dataset '{spec.name}' has no image ids")
+  ids = source.builder.as_dataset(split=subset, shuffle_files=False,
+                                  decoders={k: tfds.decode.SkipDecoding()
+                                            for k in source.builder.info.features})
+  ids = frozenset(r['id'].decode() for r in ids.map(lambda r: {'id': r['id']})
+                  .as_numpy_iterator())
+  return dataclasses.replace(source, subset_ids=ids)
+
+
+def eval_metrics(config, source: Source) -> dict:
+  """{task: Metric} of a run; `config.eval.subset_tasks` only on `source.subset_ids`."""
+  metrics = {}
+  for task in config.tasks:
+    options = evaluation.metric_options(config, task)
+    if source.subset_ids is not None and task in config.eval.subset_tasks:
+      options['image_ids'] = source.subset_ids
+    metrics[task] = evaluation.make_metric(task, **options)
+  return metrics
 
 
 def _decoder(source: Source):
@@ -173,14 +214,21 @@ def eval_dataset(source: Source, config) -> tf.data.Dataset:
   return ds.map(lambda batch: augment.centre_in_batch(batch, min_size)).prefetch(2)
 
 
-def update_metrics(metrics, batch, predictions) -> None:
+def update_metrics(metrics, batch, predictions) -> dict[str, int]:
   """Adds every real example of a host-local eval batch to `metrics` ({task:
-  Metric}), prediction and label cropped back to the original image."""
+  Metric}), prediction and label cropped back to the original image; returns
+  the number of images each metric scored (those in its `image_ids`)."""
+  counts = dict.fromkeys(metrics, 0)
   for i in np.flatnonzero(batch['mask']):
     offset, size = batch['offset'][i], batch['size'][i]
+    image_id = batch['id'][i].decode() if 'id' in batch else None
     for task, metric in metrics.items():
+      if metric.image_ids is not None and image_id not in metric.image_ids:
+        continue
       metric.update(augment.crop_to_original(predictions[task][i], offset, size),
-                    augment.crop_to_original(batch[task][i], offset, size))
+                    augment.crop_to_original(batch[task][i], offset, size), ids=image_id)
+      counts[task] += 1
+  return counts
 
 
 def to_global(batch: dict[str, np.ndarray], sharding) -> dict[str, jax.Array]:

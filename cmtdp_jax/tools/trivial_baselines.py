@@ -59,11 +59,9 @@ def main(argv):
   config = FLAGS.config
   spec = data_lib.get_dataset_spec(config.data.name)
   train_source = pipeline.open_split(config.data, spec.train_split, config.tasks)
-  eval_source = pipeline.open_split(config.data, config.data.eval_split or spec.eval_split,
-                                    config.tasks)
+  eval_source = pipeline.open_eval_split(config)
   stats = training_statistics(train_source, config.tasks, FLAGS.train_examples)
-  metrics = {t: evaluation.make_metric(t, **evaluation.metric_options(config, t))
-             for t in config.tasks}
+  metrics = pipeline.eval_metrics(config, eval_source)
   rng = np.random.default_rng(0)
   for batch in pipeline.eval_dataset(eval_source, config).as_numpy_iterator():
     predictions = {task: np.asarray(trivial_prediction(task, stats, batch[task], spec.num_classes,
