@@ -64,6 +64,11 @@ def _unit_normals(rng, height, width):
   return normals / np.linalg.norm(normals, axis=-1, keepdims=True)
 
 
+def _png_normals(rng, height, width):
+  """Unit normals as the peers' 8-bit PNGs hold them (decoded 2x/255 - 1)."""
+  return np.round((_unit_normals(rng, height, width) + 1.0) * 127.5).astype(np.uint8)
+
+
 def _write_nyud(src, packaging):
   """A NYUD folder of `packaging`; returns {id: raw arrays as written}."""
   rng = np.random.default_rng(0)
@@ -89,7 +94,7 @@ def _write_nyud(src, packaging):
         np.save(src / 'edge' / f'{i}.npy', edge.astype(np.float32))
       else:
         Image.fromarray(image).save(src / 'images' / f'{i}.png')
-        encoded = rng.integers(0, 256, (HEIGHT, WIDTH, 3), dtype=np.uint8)
+        encoded = _png_normals(rng, HEIGHT, WIDTH)
         Image.fromarray(encoded).save(src / 'normals' / f'{i}.png')
         normals = 2.0 * encoded.astype(np.float32) / 255.0 - 1.0
         Image.fromarray(edge.astype(np.uint8) * 255).save(src / 'edge' / f'{i}.png')
@@ -183,10 +188,41 @@ def _garbage_semseg(src):
   (src / 'segmentation' / 'b1.png').write_bytes(b'not a png')
 
 
+def _text_as_npy(src):
+  (src / 'depth' / 'b2.npy').write_text('1.5 2.5\n')
+
+
+def _unscaled_normals(src):
+  np.save(src / 'normals' / 'a2.npy', np.full((HEIGHT, WIDTH, 3), 5.0, np.float32))
+
+
+def _nan_depth(src):
+  np.save(src / 'depth' / 'b1.npy', np.full((HEIGHT, WIDTH), np.nan, np.float32))
+
+
+def _negative_depth(src):
+  np.save(src / 'depth' / 'b1.npy', np.full((HEIGHT, WIDTH), -1.0, np.float32))
+
+
+def _edge_255(src):
+  np.save(src / 'edge' / 'a3.npy', np.load(src / 'edge' / 'a3.npy') * 255)
+
+
+def _val_shares_train_ids(src):
+  (src / 'gt_sets' / 'val.txt').write_text('b1\na2\nb2\n')
+
+
 @pytest.mark.parametrize('break_folder, message', [
     (_remove_depth, 'depth/b2.npy: file not found'),
     (_wrong_depth_shape, 'depth/b2.npy: label shape (5, 7) differs from the expected (12, 16)'),
     (_garbage_semseg, 'segmentation/b1.png: unreadable image'),
+    (_text_as_npy, "depth/b2.npy: not a NumPy .npy file (it starts with b'1.5 2.')"),
+    (_unscaled_normals, 'normals/a2.npy: normals are not unit vectors: 100% of the pixels have '
+                        'lengths other than 1 (median 8.66)'),
+    (_nan_depth, 'depth/b1.npy: no valid depth value (all are NaN, infinite, zero or negative)'),
+    (_negative_depth, 'depth/b1.npy: no valid depth value'),
+    (_edge_255, 'edge/a3.npy: unexpected label values [255.0] (edge .npy files hold 0 and 1)'),
+    (_val_shares_train_ids, 'gt_sets/val.txt: shares 1 ids with'),
 ])
 def test_prepare_stops_at_a_bad_file_with_one_line_and_leaves_nothing(
     tmp_path, capsys, break_folder, message):
@@ -201,6 +237,32 @@ def test_prepare_stops_at_a_bad_file_with_one_line_and_leaves_nothing(
   assert len(errors) == 1 and message in errors[0], err
   assert 'Traceback' not in err
   assert not _finished_or_partial(tmp_path / 'tfds')
+
+
+def test_edge_pngs_must_be_0_or_255(tmp_path):
+  src = tmp_path / 'src'
+  _write_nyud(src, 'nyudv2')
+  Image.fromarray(np.eye(HEIGHT, WIDTH, dtype=np.uint8)).save(src / 'edge' / 'a1.png')  # 1 = edge
+  with pytest.raises(folder_io.FolderError,
+                     match=r'edge/a1.png: unexpected label values \[1\] \(edge PNGs hold 0 and 255'):
+    nyud.make_builder(_data_config(tmp_path, 'nyud', src))
+
+
+def test_a_few_off_unit_normals_are_invalid_with_one_warning(tmp_path, caplog):
+  src = tmp_path / 'src'
+  raw = _write_nyud(src, 'nyud_mt')
+  for example_id in ('b1', 'b2'):
+    normals = raw[example_id]['normals'].copy()
+    normals[5, 5] = 3.0  # 1 pixel of 192: below the share that refuses a file
+    np.save(src / 'normals' / f'{example_id}.npy', normals)
+  data_config = _data_config(tmp_path, 'nyud', src)
+  with caplog.at_level('WARNING'):
+    nyud.make_builder(data_config)
+  warnings = [r.getMessage() for r in caplog.records if 'not unit length' in r.getMessage()]
+  assert len(warnings) == 1 and warnings[0].startswith(
+      'validation: 2 normals pixels in 2 files were not unit length'), warnings
+  for example in _decoded(data_config, 'validation'):
+    assert (example['normals'][5, 5] == 0).all()
 
 
 def test_prepare_cli_exit_code_and_summary(tmp_path):
@@ -271,7 +333,7 @@ def _write_pascal(src):
     if i == '2008_000002':  # VOC12 takes precedence over pascal-context
       semseg = (semseg + 1) % 21
       Image.fromarray(semseg).save(src / 'semseg' / 'VOC12' / f'{i}.png')
-    normals = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+    normals = _png_normals(rng, height, width)
     Image.fromarray(normals).save(src / 'normals_distill' / f'{i}.png')
     sal = rng.choice(np.array([0, 127, 128, 255], np.uint8), (height, width))
     Image.fromarray(sal).save(src / 'sal_distill' / f'{i}.png')

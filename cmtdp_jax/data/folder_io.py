@@ -14,11 +14,13 @@ leaves a dataset that looks finished.
 
 from __future__ import annotations
 
+import collections
 import os
 
 import numpy as np
 import scipy.io
 import tensorflow_datasets as tfds
+from absl import logging
 from PIL import Image
 
 from cmtdp_jax.data import generation
@@ -78,8 +80,12 @@ def read_png(path):
 
 
 def read_npy(path):
+  with open(require_file(path), 'rb') as f:
+    start = f.read(6)
+  if start != b'\x93NUMPY':  # np.load would call it pickled data
+    raise fail(path, f'not a NumPy .npy file (it starts with {start!r})')
   try:
-    return np.load(require_file(path))
+    return np.load(path)
   except (OSError, ValueError) as e:
     raise fail(path, f'unreadable .npy ({e})') from e
 
@@ -104,11 +110,67 @@ def check_shape(path, label, size, channels=None):
   return label
 
 
-def check_values(path, label, valid):
+def check_values(path, label, valid, meaning=''):
   bad = np.setdiff1d(np.unique(label), valid)
   if bad.size:
-    raise fail(path, f'unexpected label values {bad[:10].tolist()}')
+    raise fail(path, f'unexpected label values {bad[:10].tolist()}{meaning}')
   return label
+
+
+def check_depth(path, depth):
+  """Depth with 0 where invalid; a map without one valid value is refused, not
+  trained on as an all-ignored image."""
+  valid = np.isfinite(depth) & (depth > 0)
+  if not valid.any():
+    raise fail(path, 'no valid depth value (all are NaN, infinite, zero or negative)')
+  return np.where(valid, depth, 0.0).astype(np.float32)
+
+
+def check_disjoint(split_lists):
+  """Every split list after the first (train) shares no id with the first."""
+  (train_path, train_ids), *others = split_lists.items()
+  for path, ids in others:
+    shared = sorted(set(ids) & set(train_ids))
+    if shared:
+      raise fail(path, f'shares {len(shared)} ids with {train_path} (e.g. {shared[0]}): '
+                       'evaluating on training images')
+
+
+class NormalsCheck:
+  """Normals must be unit vectors, or near zero where invalid.
+
+  The peers' files are close to, not exactly, unit length: 8-bit PNGs (NYUDv2,
+  PASCAL normals_distill) decode as 2x/255 - 1, whose length is off by up to
+  sqrt(3)/255 < 0.007 (and a zero vector becomes one of length <= 0.007), and
+  PASCAL's are zero outside the classes NYUD shares (checked after that mask).
+  So a length within `TOLERANCE` of 1 is unit and one below it invalid. A file
+  with more than `MAX_OFF_SHARE` of other lengths has another encoding (raw
+  0..255 values, x/255 instead of 2x/255 - 1) and is refused; a few such
+  pixels are made invalid and counted, with one warning per split.
+  """
+
+  TOLERANCE = 0.1
+  MAX_OFF_SHARE = 0.01
+
+  def __init__(self):
+    self.off_unit = collections.Counter()
+
+  def __call__(self, path, normals):
+    length = np.linalg.norm(normals, axis=-1)
+    off = (length >= self.TOLERANCE) & (np.abs(length - 1.0) > self.TOLERANCE)
+    if off.mean() > self.MAX_OFF_SHARE:
+      raise fail(path, f'normals are not unit vectors: {off.mean():.0%} of the pixels have '
+                       f'lengths other than 1 (median {np.median(length[off]):.3g}); expected '
+                       'unit vectors, zero where invalid')
+    if off.any():
+      self.off_unit[path] += int(off.sum())
+    return np.where(off[..., None], 0.0, normals).astype(np.float32)
+
+  def warn(self, split):
+    if self.off_unit:
+      logging.warning('%s: %d normals pixels in %d files were not unit length and count as '
+                      'invalid (most in %s)', split, sum(self.off_unit.values()),
+                      len(self.off_unit), self.off_unit.most_common(1)[0][0])
 
 
 def image_feature():

@@ -77,8 +77,7 @@ def _depth(path, size):
   depth = folder_io.read_npy(path).astype(np.float32)
   if depth.ndim == 3 and depth.shape[-1] == 1:
     depth = depth[..., 0]
-  folder_io.check_shape(path, depth, size)
-  return np.where(np.isfinite(depth) & (depth > 0), depth, 0.0).astype(np.float32)
+  return folder_io.check_depth(path, folder_io.check_shape(path, depth, size))
 
 
 def _normals(path, size):
@@ -91,10 +90,13 @@ def _normals(path, size):
 
 
 def _edge(path, size):
+  """0/1 edges: NYUD_MT's .npy hold 0/1 floats, NYUDv2's PNGs 0/255 (read as x/255)."""
   if path.endswith('.png'):
-    edge = folder_io.read_png(path).astype(np.float32) / 255.0
+    edge = folder_io.check_values(path, folder_io.read_png(path), [0, 255],
+                                  ' (edge PNGs hold 0 and 255)') / 255
   else:
-    edge = folder_io.read_npy(path).astype(np.float32)
+    edge = folder_io.check_values(path, folder_io.read_npy(path), [0, 1],
+                                  ' (edge .npy files hold 0 and 1)')
   return folder_io.categorical(folder_io.check_shape(path, edge, size) > 0.5)
 
 
@@ -126,12 +128,12 @@ class Nyud(generation.Builder):
 
   def _split_generators(self, dl_manager):
     src = os.fspath(dl_manager.manual_dir)
-    splits = {}
-    for split, list_name in SPLIT_LISTS.items():
-      ids = folder_io.read_ids(os.path.join(src, 'gt_sets', list_name))
-      # Every file is checked before anything is written.
-      splits[split] = self._generate_examples(split, [self._files(src, i) for i in ids])
-    return splits
+    lists = {split: os.path.join(src, 'gt_sets', name) for split, name in SPLIT_LISTS.items()}
+    ids = {split: folder_io.read_ids(path) for split, path in lists.items()}
+    folder_io.check_disjoint({lists[split]: ids[split] for split in lists})
+    # Every file is checked before anything is written.
+    return {split: self._generate_examples(split, [self._files(src, i) for i in ids[split]])
+            for split in lists}
 
   def _files(self, src, example_id):
     extensions = self.builder_config.extensions
@@ -142,11 +144,14 @@ class Nyud(generation.Builder):
     return dict(files, id=example_id)
 
   def _generate_examples(self, split, examples):
+    normals_check = folder_io.NormalsCheck()
     for index, files in enumerate(generation.examples(examples, split, len(examples))):
       image = folder_io.read_rgb(files['image'])
       size = image.shape[:2]
       labels = {task: read(files[task], size) for task, read in _READERS.items()}
+      labels['normals'] = normals_check(files['normals'], labels['normals'])
       yield index, dict(labels, id=files['id'], image=image)
+    normals_check.warn(split)
 
 
 def make_builder(data_config):

@@ -200,19 +200,23 @@ class PascalContext(generation.Builder):
   def _split_generators(self, dl_manager):
     src = os.fspath(dl_manager.manual_dir)
     normals_valid = np.asarray(normals_classes(src))
-    splits = {}
-    for split, list_name in SPLIT_LISTS.items():
-      list_path = os.path.join(src, 'ImageSets', 'Context', list_name)
-      if split in OPTIONAL_SPLITS and not os.path.isfile(list_path):
-        continue
-      # Every file is checked before anything is written.
-      files = [_files(src, i) for i in folder_io.read_ids(list_path)]
-      splits[split] = self._generate_examples(split, files, normals_valid)
-    return splits
+    lists = {split: os.path.join(src, 'ImageSets', 'Context', name)
+             for split, name in SPLIT_LISTS.items()}
+    ids = {split: folder_io.read_ids(path) for split, path in lists.items()
+           if split not in OPTIONAL_SPLITS or os.path.isfile(path)}
+    folder_io.check_disjoint({lists[split]: ids[split] for split in ids})  # test_new is in val
+    # Every file is checked before anything is written.
+    return {split: self._generate_examples(split, [_files(src, i) for i in split_ids],
+                                           normals_valid)
+            for split, split_ids in ids.items()}
 
   def _generate_examples(self, split, examples, normals_valid):
+    normals_check = folder_io.NormalsCheck()
     for index, files in enumerate(generation.examples(examples, split, len(examples))):
-      yield index, _example(files, normals_valid)
+      example = _example(files, normals_valid)
+      example['normals'] = normals_check(files['normals'], example['normals'])
+      yield index, example
+    normals_check.warn(split)
 
 
 def detect_packaging(src):
