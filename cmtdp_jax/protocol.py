@@ -81,7 +81,7 @@ def protocol_config(dataset: str, backbone: str, framework: str,
   config.eval.subset_tasks = ('edge',)
 
   _apply_variant(config, variant)
-  # Loss options may only name trained tasks (config_lib.validate).
+  # Only the trained tasks' options (config_lib.validate would ignore the others with a note).
   config.loss_options = ml_collections.ConfigDict(
       {'edge': {'pos_weight': protocol.edge_pos_weight}} if 'edge' in config.tasks else {})
   return config
