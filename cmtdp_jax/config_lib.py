@@ -93,6 +93,9 @@ def base_config() -> ml_collections.ConfigDict:
   # ('' = all of them); PASCAL: edges on SEISM's test_new, the other tasks on all of val.
   config.eval.subset_split = ''
   config.eval.subset_tasks = ('edge',)
+  # Edges are scored against 'label' (the training label) or 'seism' (PASCAL-Context:
+  # SEISM's boundaries of the context LabelMap, pipeline.EDGE_GROUND_TRUTHS).
+  config.eval.edge_ground_truth = 'label'
   # Extra outputs under <workdir>/eval/step_<N>/ (evaluation/visualize.py):
   config.eval.save_predictions = False  # predictions/<index>.npz, task-space, unpadded
   config.eval.num_visualize = 0  # vis/<index>.png grids (+ TensorBoard) of the first N images

@@ -31,8 +31,10 @@ class Protocol:
   lr: float
   edge_pos_weight: float
   edge_max_dist: float
-  # The split whose images the boundary scores use ('' = the whole eval split).
+  # The split whose images the boundary scores use ('' = the whole eval split), and
+  # the boundaries they are scored against (pipeline.EDGE_GROUND_TRUTHS).
   edge_subset: str = ''
+  edge_ground_truth: str = 'label'
 
 
 PROTOCOLS = {
@@ -40,7 +42,7 @@ PROTOCOLS = {
                      edge_pos_weight=0.8, edge_max_dist=0.011),
     'pascal_context': Protocol(crop_size=(512, 512), eval_crop_size=(512, 512), lr=0.005,
                                edge_pos_weight=0.95, edge_max_dist=0.0075,
-                               edge_subset='test_new'),
+                               edge_subset='test_new', edge_ground_truth='seism'),
 }
 
 
@@ -79,6 +81,7 @@ def protocol_config(dataset: str, backbone: str, framework: str,
   config.eval.metric_options.edge.max_dist = protocol.edge_max_dist
   config.eval.subset_split = protocol.edge_subset
   config.eval.subset_tasks = ('edge',)
+  config.eval.edge_ground_truth = protocol.edge_ground_truth
 
   _apply_variant(config, variant)
   # Only the trained tasks' options (config_lib.validate would ignore the others with a note).

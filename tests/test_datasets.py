@@ -450,6 +450,72 @@ def test_pascal_protocol_scores_edges_on_test_new_and_the_rest_on_val(tmp_path):
   assert pipeline.open_eval_split(config).subset_ids is None
 
 
+def _seg2bmap_reference(seg):
+  """BSDS seg2bmap.m line by line: e, s, se neighbours, then the last row, column, corner."""
+  e, south, se = (np.zeros(seg.shape, seg.dtype) for _ in range(3))
+  e[:, :-1] = seg[:, 1:]
+  south[:-1, :] = seg[1:, :]
+  se[:-1, :-1] = seg[1:, 1:]
+  b = (seg != e) | (seg != south) | (seg != se)
+  b[-1, :] = seg[-1, :] != e[-1, :]
+  b[:, -1] = seg[:, -1] != south[:, -1]
+  b[-1, -1] = False
+  return b
+
+
+def test_seism_ground_truth_is_thinned_seg2bmap():
+  rng = np.random.default_rng(5)
+  for _ in range(20):
+    seg = rng.integers(0, 3, (9, 11)).repeat(2, axis=0).repeat(2, axis=1)
+    np.testing.assert_array_equal(pascal_context.seg2bmap(seg), _seg2bmap_reference(seg))
+    thinned = pascal_context.seism_edges(seg)
+    assert not (thinned & ~_seg2bmap_reference(seg)).any()
+  split = np.zeros((4, 6), np.uint16)
+  split[:, 3:] = 7
+  expected = np.zeros((4, 6), bool)
+  expected[:, 2] = True  # the pixel west of the change, half a pixel towards the origin
+  np.testing.assert_array_equal(pascal_context.seism_edges(split), expected)
+
+
+def test_edge_ground_truth_tool_scores_the_training_label_against_seism():
+  from cmtdp_jax.tools import edge_ground_truth  # pylint: disable=import-outside-toplevel
+  split = np.zeros((12, 16), np.uint16)
+  split[:, 8:] = 7
+  out = edge_ground_truth.compare([('split', split)], max_dist=0.1)
+  label = int(pascal_context.context_edges(split).sum())
+  assert out['SEISM pixels'] == 12 and out['training label pixels'] == label
+  recall = min(label, 12) / 12  # within the tolerance every pixel can match
+  precision = min(label, 12) / label
+  assert out['F of the training label against SEISM'] == pytest.approx(
+      100 * 2 * precision * recall / (precision + recall))
+  far = edge_ground_truth.compare([('split', split)], max_dist=0.001)  # under one pixel
+  assert far['F of the training label against SEISM'] < 100.0
+
+
+def test_pascal_eval_can_score_edges_against_seism_ground_truth(tmp_path):
+  src = tmp_path / 'src'
+  raw = _write_pascal(src)
+  config = config_lib.base_config()
+  config.data = _data_config(tmp_path, 'pascal_context', src)
+  config.tasks = ('edge',)
+  config.eval_batch_size = 3
+  assert protocol.protocol_config('pascal_context', 'compact',
+                                  'baseline').eval.edge_ground_truth == 'seism'
+  labels = {}
+  for truth in ('label', 'seism'):
+    config.eval.edge_ground_truth = truth
+    (batch,) = pipeline.eval_dataset(pipeline.open_eval_split(config), config).as_numpy_iterator()
+    labels[truth] = [augment.crop_to_original(batch['edge'][i], batch['offset'][i],
+                                              batch['size'][i]) for i in range(3)]
+  for i, example_id in enumerate(('2008_000002', '2008_000003', '2008_000004')):
+    label_map = raw[example_id]['label_map']
+    np.testing.assert_array_equal(labels['seism'][i], pascal_context.seism_edges(label_map))
+    np.testing.assert_array_equal(labels['label'][i], pascal_context.context_edges(label_map))
+  config.eval.edge_ground_truth = 'matlab'
+  with pytest.raises(ValueError, match="config.eval.edge_ground_truth: unknown 'matlab'"):
+    pipeline.open_eval_split(config)
+
+
 @pytest.mark.parametrize('device_prefetch', [0, 1, 3, 10])
 def test_device_prefetch_keeps_order_and_runs_ahead(monkeypatch, device_prefetch):
   images = np.arange(5 * 8 * 2, dtype=np.float32).reshape(5, 8, 2)

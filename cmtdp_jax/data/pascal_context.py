@@ -16,6 +16,11 @@ Labels follow the peers exactly: edges where the Laplacian of the context
 label map is non-zero, thinned; normals kept only on context classes that
 NYUD also has; human parts merged into 6 parts, with the whole map ignored
 (255) when the image has no annotated person part.
+
+'edge_seism' is the boundary map SEISM scores against instead
+(`config.eval.edge_ground_truth='seism'`): BSDS's seg2bmap of the LabelMap,
+thinned with bwmorph 'thin' as SEISM's fb.m does (jponttuset/seism
+src/measures/fb.m, src/piotr_edges/edgesEvalImg.m).
 """
 
 from __future__ import annotations
@@ -90,6 +95,25 @@ def context_edges(label_map):
   """Thinned pixels where the Laplacian of the context label map is non-zero."""
   laplacian = scipy.ndimage.convolve(label_map.astype(np.float64), _LAPLACIAN, mode='mirror')
   return skimage.morphology.thin(laplacian != 0)
+
+
+def seg2bmap(label_map):
+  """BSDS's seg2bmap: a pixel is boundary where it differs from its east, south or
+  south-east neighbour (the last row only east, the last column only south, the
+  corner never): one-pixel boundaries half a pixel towards the origin."""
+  seg = np.asarray(label_map)
+  east = seg[:, :-1] != seg[:, 1:]
+  south = seg[:-1] != seg[1:]
+  bmap = np.zeros(seg.shape, bool)
+  bmap[:-1, :-1] = east[:-1] | south[:, :-1] | (seg[:-1, :-1] != seg[1:, 1:])
+  bmap[-1, :-1] = east[-1]
+  bmap[:-1, -1] = south[:, -1]
+  return bmap
+
+
+def seism_edges(label_map):
+  """SEISM's ground-truth boundaries of a context label map."""
+  return skimage.morphology.thin(seg2bmap(label_map))
 
 
 def human_parts(path, size):
@@ -170,6 +194,7 @@ def _example(files, normals_valid):
       'human_parts': folder_io.categorical(human_parts(files['human_parts'], size)),
       'sal': folder_io.categorical(_saliency(files['sal'], size)),
       'edge': folder_io.categorical(context_edges(label_map)),
+      'edge_seism': folder_io.categorical(seism_edges(label_map)),
       'normals': _normals(files['normals'], size, label_map, normals_valid),
   }
 
@@ -178,8 +203,8 @@ class PascalContext(generation.Builder):
   """PASCAL-Context multi-task labels, from the folder given as the manual dir."""
 
   name = 'pascal_context'
-  VERSION = tfds.core.Version('1.0.0')
-  RELEASE_NOTES = {'1.0.0': 'First release.'}
+  VERSION = tfds.core.Version('1.1.0')
+  RELEASE_NOTES = {'1.0.0': 'First release.', '1.1.0': "SEISM's boundary ground truth."}
   BUILDER_CONFIGS = [tfds.core.BuilderConfig(name='pascal_mt', description='PASCAL_MT folder.')]
   MANUAL_DOWNLOAD_INSTRUCTIONS = f'Pass {LAYOUT} as the manual dir; nothing is downloaded.'
 
@@ -192,6 +217,7 @@ class PascalContext(generation.Builder):
             'human_parts': folder_io.categorical_feature(),
             'sal': folder_io.categorical_feature(),
             'edge': folder_io.categorical_feature(),
+            'edge_seism': folder_io.categorical_feature(),
             'normals': folder_io.normals_feature(),
         }),
         disable_shuffling=True,  # examples keep the order of the split lists

@@ -38,6 +38,15 @@ class Source:
   num_examples: int  # over all processes
   # Ids of `config.eval.subset_split`, the images `config.eval.subset_tasks` are scored on.
   subset_ids: frozenset[str] | None = None
+  # Tasks read from another feature than their own: evaluation against SEISM's edges.
+  label_features: tuple[tuple[str, str], ...] = ()
+
+  def feature(self, task: str) -> str:
+    return dict(self.label_features).get(task, task)
+
+
+# config.eval.edge_ground_truth -> the feature the edge metric is scored against.
+EDGE_GROUND_TRUTHS = {'label': 'edge', 'seism': 'edge_seism'}
 
 
 def open_split(data_config, split: str, task_names) -> Source:
@@ -68,6 +77,16 @@ def open_eval_split(config) -> Source:
   """
   spec = data_lib.get_dataset_spec(config.data.name)
   source = open_split(config.data, config.data.eval_split or spec.eval_split, config.tasks)
+  edge_truth = config.eval.edge_ground_truth
+  if edge_truth not in EDGE_GROUND_TRUTHS:
+    raise ValueError(f"config.eval.edge_ground_truth: unknown '{edge_truth}' "
+                     f"(valid: {', '.join(EDGE_GROUND_TRUTHS)})")
+  feature = EDGE_GROUND_TRUTHS[edge_truth]
+  if 'edge' in config.tasks and feature != 'edge':
+    if feature not in source.builder.info.features:
+      raise ValueError(f"config.eval.edge_ground_truth='{edge_truth}': dataset '{spec.name}' "
+                       f"has no '{feature}' labels (PASCAL-Context has)")
+    source = dataclasses.replace(source, label_features=(('edge', feature),))
   subset = config.eval.subset_split
   if not subset or not set(config.eval.subset_tasks) & set(config.tasks):
     return source
@@ -103,7 +122,7 @@ def _decoder(source: Source):
   def decode(record):
     example = {'image': tf.cast(features['image'].decode_example(record['image']), tf.float32)}
     for task in source.tasks:
-      value = features[task].decode_example(record[task])
+      value = features[source.feature(task)].decode_example(record[task])
       if tasks_lib.get_task(task).label_kind == tasks_lib.CATEGORICAL:
         value = tf.cast(tf.reshape(value, tf.shape(value)[:2]), tf.int32)
       example[task] = tf.cast(value, tf.float32) if task in ('depth', 'normals') else value
@@ -113,13 +132,13 @@ def _decoder(source: Source):
 
 def _read(source: Source, split: str, with_id: bool = False):
   """Undecoded records: the image, the tasks' labels and, if asked and present, the id."""
-  keys = ('image',) + source.tasks
+  keys = {'image': 'image'} | {t: source.feature(t) for t in source.tasks}
   if with_id and 'id' in source.builder.info.features:
-    keys += ('id',)
-  decoders = {k: tfds.decode.SkipDecoding() for k in keys}
+    keys['id'] = 'id'
+  decoders = {feature: tfds.decode.SkipDecoding() for feature in keys.values()}
   ds = source.builder.as_dataset(split=split, shuffle_files=False, decoders=decoders,
                                  read_config=tfds.ReadConfig(interleave_cycle_length=1))
-  return ds.map(lambda r: {k: r[k] for k in keys})
+  return ds.map(lambda r: {k: r[feature] for k, feature in keys.items()})
 
 
 def decoded_examples(source: Source, split: str | None = None) -> tf.data.Dataset:
