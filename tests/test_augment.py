@@ -62,6 +62,16 @@ def test_scale_divides_depth_by_the_scale():
   assert set(np.unique(out['semseg'])) <= {0, 1, 2}  # nearest: no blended classes
 
 
+def test_scale_truncates_the_new_size_like_atrc():
+  """ATRC's RandomScaling: new size int(x * scale) (brdav/atrc src/data/transforms.py)."""
+  ex = _example(23, 31)
+  for i in range(6):
+    seed = tf.constant([i, 11], tf.int64)
+    scale = float(tf.random.stateless_uniform([], seed, 0.5, 2.0))
+    out = augment.random_scale(ex, seed, 0.5, 2.0)
+    assert out['image'].shape[:2] == (int(23 * np.float32(scale)), int(31 * np.float32(scale)))
+
+
 def test_train_transform_shapes_padding_and_unit_normals():
   ex = _example()
   crop = (40, 48)  # larger than the image: forces padding

@@ -39,10 +39,11 @@ def _pad_value(key):
 
 
 def random_scale(example, seed, min_scale, max_scale):
-  """Rescales image (bilinear) and labels (nearest) by s ~ U(min, max)."""
+  """Rescales image (bilinear) and labels (nearest) by s ~ U(min, max) to
+  int(size * s), truncated as ATRC's RandomScaling does."""
   scale = tf.random.stateless_uniform([], seed, min_scale, max_scale)
   shape = tf.cast(tf.shape(example['image'])[:2], tf.float32)
-  size = tf.cast(tf.round(shape * scale), tf.int32)
+  size = tf.cast(shape * scale, tf.int32)
   out = dict(example)
   out['image'] = tf.image.resize(example['image'], size, method='bilinear')
   for task in _label_keys(example):
@@ -90,13 +91,14 @@ def _crop(example, top, left, height, width):
   return out
 
 
-def random_crop(example, seed, height, width, cat_max_ratio=1.0, tries=10):
+def random_crop(example, seed, height, width, cat_max_ratio=1.0, tries=11):
   """Random crop of at most (height, width): a smaller side is kept whole
   (ATRC's RandomCrop, padding comes after).
 
   With cat_max_ratio < 1 (ATRC: 0.75), up to `tries` crops are drawn and the
   first whose most frequent semseg class covers less than that fraction of the
-  labelled pixels is kept (the last one otherwise).
+  labelled pixels is kept, the last one unchecked: ATRC checks 10 and keeps
+  the 11th otherwise.
   """
   shape = tf.shape(example['image'])
   height, width = tf.minimum(height, shape[0]), tf.minimum(width, shape[1])
