@@ -87,3 +87,8 @@ def test_format_table_aligns_columns():
   assert lines[1].split() == ['semseg', 'mIoU', '36.3500']
   assert len({len(line) for line in lines}) == 1  # values right-aligned in one column
   assert len({line.index(line.split()[1]) for line in lines}) == 1
+
+
+def test_format_table_prints_image_counts_as_integers():
+  table = evaluation.format_table({'edge/odsF': 70.5, 'edge/images': 2498.0})
+  assert table.splitlines()[2].split() == ['edge', 'images', '2498']

@@ -136,7 +136,7 @@ def format_table(results: Mapping[str, float]) -> str:
   rows = [('task', 'metric', 'value')]
   for key, value in results.items():
     task, _, metric = key.rpartition('/')
-    rows.append((task, metric, format_value(value)))
+    rows.append((task, metric, f'{value:.0f}' if metric == 'images' else format_value(value)))
   return aligned_table(rows)
 
 
