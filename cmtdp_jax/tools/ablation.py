@@ -31,6 +31,7 @@ import glob
 import json
 import os
 import platform
+import subprocess
 import time
 
 import numpy as np
@@ -121,11 +122,25 @@ def run_cell(config, workdir, results_dir, train_size, weight, extra, seed) -> d
             'metrics': metrics, 'edge_options': evaluation.metric_options(run_config, 'edge'),
             'regularizer_share': None if share is None else weight * share,
             'wall_seconds': round(time.time() - start, 1),
-            'machine': f'{platform.node()} {platform.machine()} {os.cpu_count()} cores'}
+            'machine': f'{platform.node()} {platform.machine()} {os.cpu_count()} cores',
+            'commit': _commit()}
   os.makedirs(results_dir, exist_ok=True)
   with open(result_path, 'w') as f:
     json.dump(record, f, indent=2, sort_keys=True)
   return record
+
+
+def _commit() -> str:
+  """The code a run trained with: the repository's HEAD (+ '-dirty' with local changes)."""
+  root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  try:
+    head = subprocess.run(['git', '-C', root, 'rev-parse', '--short', 'HEAD'], check=True,
+                          capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run(['git', '-C', root, 'status', '--porcelain', '--untracked-files=no',
+                            'cmtdp_jax'], check=True, capture_output=True, text=True).stdout
+  except (OSError, subprocess.CalledProcessError):
+    return 'unknown'
+  return head + ('-dirty' if dirty.strip() else '')
 
 
 def paired_delta_m(runs, reference, tasks) -> dict:
