@@ -279,7 +279,7 @@ def benchmark_evaluation(config, num_images: int, edge_workers: int = 0) -> dict
   """Images/s of every task's metric (update + result) on random eval-shaped maps.
 
   Edge maps are `bench_boundary`'s synthetic boundaries, since on noise NMS
-  would keep nearly every pixel; the edge time includes starting its workers.
+  would keep nearly every pixel.
   """
   try:
     # pylint: disable=import-outside-toplevel
@@ -536,7 +536,8 @@ flags.DEFINE_string('json', None, 'Where to write the results as JSON.')
 flags.DEFINE_bool('pipeline', True, 'Time the tf.data train pipeline (needs TensorFlow).')
 flags.DEFINE_bool('evaluation', True, 'Time the evaluation metrics, odsF included.')
 flags.DEFINE_integer('eval_images', 16, 'Images for the evaluation metrics.')
-flags.DEFINE_integer('edge_workers', 0, 'Processes of the odsF evaluation (0: all cores).')
+flags.DEFINE_integer('edge_workers', 0,
+                     'Threads of the odsF evaluation (0: the metric default, in-process).')
 flags.DEFINE_bool('compare_torch', False, 'Also time the PyTorch reference model (run from '
                   'the repository root).')
 flags.DEFINE_string('profile_dir', None, 'Record the timed steps with jax.profiler into this '

@@ -97,7 +97,13 @@ def edge_nms(prob_u8: np.ndarray, variant: str = 'seism') -> np.ndarray:
   """Dollar's edge NMS of an 8-bit edge map, in single precision as MATLAB; in [0, 1].
 
   'seism': SEISM's read_one_cont_png, orientation
-    mod(atan(Oyy sign(-Oxy) / (Oxx + 1e-5)), pi) from convTri(E, 4).
+    mod(atan(Oyy sign(-Oxy) / (Oxx + 1e-5)), pi) from convTri(E, 4). Line
+    by line (src/io/read_one_cont_png.m at HEAD, 3d421f8): im2single(imread)
+    is u8 / 255 in single; convTri(E, 4) is `_conv_tri` (triangle kernel,
+    symmetric padding); gradient2 is np.gradient (central differences,
+    one-sided at the border), [Ox, Oy] = (axis 1, axis 0); Oxx + 1e-5 and
+    atan stay single; edgesNmsMex(E, O, 1, 5, 1.01, 1) is pyEdgeEval's port
+    of it; the threshold is `E > t` (PROTOCOLS['seism']).
   'pyedgeeval': pyEdgeEval's fast_nms (after HED's nms_process.m): E =
     convTri(E, 1) first, and only Oxx == 0 is replaced by 1e-5.
   Where the map is nearly flat the orientation comes from rounding noise, so
@@ -213,16 +219,17 @@ def tolerance_offsets(shape, max_dist: float):
 
 
 class _Stopwatch:
-  """Adds the seconds since the previous call to `totals[stage]` (no-op without totals)."""
+  """Adds the CPU seconds since the previous call to `totals[stage]` (no-op without
+  totals): CPU time, so that a loaded machine does not inflate one stage."""
 
   def __init__(self, totals):
     self.totals = totals
-    self.last = time.perf_counter()
+    self.last = time.process_time()
 
   def __call__(self, stage):
     if self.totals is None:
       return
-    now = time.perf_counter()
+    now = time.process_time()
     self.totals[stage] = self.totals.get(stage, 0.0) + now - self.last
     self.last = now
 
@@ -232,8 +239,8 @@ def image_counts(prob_u8: np.ndarray, gt: np.ndarray, thresholds: np.ndarray,
                  timings: dict | None = None) -> np.ndarray:
   """Counts [4, T] (matched gt, gt, matched pred, pred pixels) of one image.
 
-  `timings`, if given, accumulates the seconds spent in 'nms', 'graph',
-  'thinning' and 'matching'.
+  `timings`, if given, accumulates the CPU seconds of this process spent in
+  'nms', 'graph', 'thinning' and 'matching' (for the benchmark; one thread).
   """
   strict = PROTOCOLS[_check_option(protocol, PROTOCOLS, 'protocol')].strict
   _check_option(matcher, MATCHERS, 'matcher')

@@ -1,32 +1,42 @@
-"""Checks and times our boundary evaluation against pyEdgeEval's own loop.
+"""Times and checks our boundary evaluation against pyEdgeEval's loop and the CSA matcher.
 
-  python -m cmtdp_jax.tools.bench_boundary --images 8 --size 240x320 --workers 2
+  python -m cmtdp_jax.tools.bench_boundary --images 8 --size 480x640
 
-Synthetic images: boundaries of random Voronoi regions as ground truth;
-predictions are displaced, partly missed, blurred boundaries plus faint
-clutter and noise, so that low thresholds select many pixels as real edge
-maps do. Both sides see the same 8-bit maps and use pyEdgeEval's NMS
-variant (`nms='pyedgeeval'` here; SEISM's is our default), 99 thresholds,
-thinning and correspondPixels matching. pyEdgeEval runs its per-image loop
-serially (`evaluate_boundaries_threshold`); its counts are summarised both
-with the SEISM rules we use and with pyEdgeEval's own summary (interpolated
-ODS, its AP definition). The check: |odsF difference| <= 0.001 under the
-same rules.
+Maps: scikit-image's sample photographs resized to --size; ground truth is
+the thinned border of a Felzenszwalb segmentation of each photograph, the
+prediction its normalised gradient magnitude (dense at low thresholds, as
+real edge maps). `--maps synthetic` uses Voronoi boundaries instead.
+
+Everything runs in this process on one core, on the same 8-bit maps, with
+pyEdgeEval's NMS (protocol 'pyedgeeval'), 99 thresholds and max_dist 0.011:
+  - ours: `image_counts` with the exact matcher, timed per stage, run twice;
+  - CSA: the same pipeline with correspondPixels' CSA (matcher='csa');
+  - pyEdgeEval's own loop (`evaluate_boundaries_threshold`), its NMS,
+    thinning and matching timed by wrapping the functions it calls.
+It prints the CPU seconds per image by stage (and the wall time), the
+speed-up, odsF/oisF/AP of each (SEISM's summary rules; pyEdgeEval's own
+summary too), the per-threshold count differences exact - CSA, our scores
+under every protocol, and both AP definitions. Exit status 1 if ours differs from CSA or from pyEdgeEval's
+loop by more than 0.001 odsF (F in [0, 1]) or two runs differ.
 """
 
 import argparse
-import resource
+import contextlib
 import sys
 import time
 import types
 
 import numpy as np
 from scipy import ndimage
-from skimage import morphology
+from skimage import data as sample_data
+from skimage import color, filters, morphology, segmentation, transform
 
 from cmtdp_jax.evaluation import boundary
 
 TOLERANCE = 0.001  # on F in [0, 1]
+PHOTOGRAPHS = ('astronaut', 'camera', 'coffee', 'chelsea', 'rocket', 'coins', 'clock',
+               'immunohistochemistry')
+STAGES = ('nms', 'thinning', 'graph', 'matching')
 
 
 def synthetic_pair(rng, height, width, regions=12):
@@ -48,36 +58,71 @@ def synthetic_pair(rng, height, width, regions=12):
   return 1.0 / (1.0 + np.exp(-logits)), edges.astype(np.uint8)
 
 
+def photograph_pair(name, height, width):
+  """(gradient-magnitude probabilities, region-border label) of a sample photograph."""
+  image = getattr(sample_data, name)()
+  if image.ndim == 3:
+    image = color.rgb2gray(image[..., :3])
+  image = transform.resize(image.astype(np.float64), (height, width), anti_aliasing=True)
+  regions = segmentation.felzenszwalb(image, scale=300, sigma=0.8, min_size=200)
+  label = morphology.thin(segmentation.find_boundaries(regions, mode='inner'))
+  magnitude = filters.sobel(filters.gaussian(image, sigma=1.0))
+  prob = np.clip(magnitude / np.percentile(magnitude, 98), 0.0, 1.0)
+  return prob, label.astype(np.uint8)
+
+
 def _pyedgeeval():
-  """pyEdgeEval's loop and summary; its preprocess package imports cv2 only
-  for file helpers, so an empty stand-in is enough when OpenCV is absent."""
+  """pyEdgeEval's loop module and summary; its preprocess package imports cv2
+  only for file helpers, so an empty stand-in is enough when OpenCV is absent."""
   try:
     import cv2  # pylint: disable=import-outside-toplevel,unused-import
   except ImportError:
     sys.modules['cv2'] = types.ModuleType('cv2')
   # pylint: disable=import-outside-toplevel
+  from pyEdgeEval.common.binary_label import evaluate_boundaries as loop_module
   from pyEdgeEval.common.binary_label.calculate_metrics import calculate_metrics
-  from pyEdgeEval.common.binary_label.evaluate_boundaries import evaluate_boundaries_threshold
-  return evaluate_boundaries_threshold, calculate_metrics
+  return loop_module, calculate_metrics
 
 
-def reference_counts(probs, labels, thresholds, max_dist):
-  """pyEdgeEval's per-image counts [N, 4, T], in our row order."""
-  loop, _ = _pyedgeeval()
-  counts = []
-  for prob, label in zip(probs, labels):
-    count_r, sum_r, count_p, sum_p = loop(
-        thresholds, boundary.quantize(prob) / 255.0, label == 1, max_dist=max_dist,
-        apply_thinning=True, apply_nms=True)
-    counts.append(np.stack([count_r, sum_r, count_p, sum_p]).astype(np.int64))
-  return np.stack(counts)
+@contextlib.contextmanager
+def _timed_stages(module, names, totals):
+  """Wraps `module.<name>` so that each call adds its seconds to totals[stage]."""
+  originals = {name: getattr(module, name) for name in names}
+
+  def timed(function, stage):
+    def wrapper(*args, **kwargs):
+      start = time.process_time()
+      try:
+        return function(*args, **kwargs)
+      finally:
+        totals[stage] = totals.get(stage, 0.0) + time.process_time() - start
+    return wrapper
+
+  for name, stage in names.items():
+    setattr(module, name, timed(originals[name], stage))
+  try:
+    yield
+  finally:
+    for name, function in originals.items():
+      setattr(module, name, function)
 
 
-def seism_summary(per_image, thresholds):
+def pyedgeeval_counts(prob_u8, label, thresholds, max_dist, totals):
+  """pyEdgeEval's per-image counts [4, T] in our row order, its stages timed."""
+  loop_module, _ = _pyedgeeval()
+  stages = {'fast_nms': 'nms', 'binary_thin': 'thinning', 'correspond_pixels': 'matching'}
+  with _timed_stages(loop_module, stages, totals):
+    count_r, sum_r, count_p, sum_p = loop_module.evaluate_boundaries_threshold(
+        thresholds, prob_u8 / 255.0, label == 1, max_dist=max_dist, apply_thinning=True,
+        apply_nms=True)
+  return np.stack([count_r, sum_r, count_p, sum_p]).astype(np.int64)
+
+
+def seism_summary(per_image, thresholds, ap='seism'):
   ois = np.zeros(4, np.int64)
   for counts in per_image:
     ois += counts[:, np.argmax(boundary.precision_recall_f(counts)[2])]
-  return boundary.summarize(per_image.sum(0), ois, thresholds)
+  return boundary.summarize(per_image.sum(0), ois, thresholds, ap=ap)
 
 
 def pyedgeeval_summary(per_image, thresholds):
@@ -90,57 +135,108 @@ def pyedgeeval_summary(per_image, thresholds):
           'edge/AP': 100 * overall['AP']}
 
 
-def _cpu_seconds():
-  """CPU time of this process and of its finished worker processes."""
-  own, workers = (resource.getrusage(who) for who in (resource.RUSAGE_SELF,
-                                                        resource.RUSAGE_CHILDREN))
-  return own.ru_utime + own.ru_stime + workers.ru_utime + workers.ru_stime
+def _run(maps, evaluate):
+  """Per-image counts [N, 4, T], stage CPU seconds and CPU seconds of `evaluate`.
+
+  CPU time of this (single-threaded) process: on a shared machine wall time
+  also counts the other users' turns.
+  """
+  totals, counts = {}, []
+  start, wall = time.process_time(), time.perf_counter()
+  for prob_u8, label in maps:
+    counts.append(evaluate(prob_u8, label, totals))
+  seconds = time.process_time() - start
+  totals['wall'] = time.perf_counter() - wall
+  return np.stack(counts), totals, seconds
+
+
+def _scores_line(name, result):
+  return f'{name:34s}' + ''.join(f"{result[f'edge/{k}']:9.3f}" for k in ('odsF', 'oisF', 'AP'))
 
 
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  parser.add_argument('--images', type=int, default=8)
-  parser.add_argument('--size', default='240x320', help='HxW')
-  parser.add_argument('--workers', type=int, default=boundary.available_cores())
+  parser.add_argument('--images', type=int, default=len(PHOTOGRAPHS))
+  parser.add_argument('--size', default='480x640', help='HxW')
+  parser.add_argument('--maps', choices=('photos', 'synthetic'), default='photos')
   parser.add_argument('--max-dist', type=float, default=0.011)
-  parser.add_argument('--seed', type=int, default=0)
+  parser.add_argument('--seed', type=int, default=0, help='synthetic maps only')
   args = parser.parse_args(argv)
   height, width = (int(v) for v in args.size.lower().split('x'))
-  rng = np.random.default_rng(args.seed)
-  pairs = [synthetic_pair(rng, height, width) for _ in range(args.images)]
-  probs, labels = [p for p, _ in pairs], [l for _, l in pairs]
+  if args.maps == 'photos':
+    pairs = [photograph_pair(PHOTOGRAPHS[i % len(PHOTOGRAPHS)], height, width)
+             for i in range(args.images)]
+  else:
+    rng = np.random.default_rng(args.seed)
+    pairs = [synthetic_pair(rng, height, width) for _ in range(args.images)]
+  maps = [(boundary.quantize(prob), label) for prob, label in pairs]
   thresholds = boundary.threshold_values(99)
+  max_dist = args.max_dist
 
-  start, start_cpu = time.perf_counter(), _cpu_seconds()
-  ours = boundary.evaluate_boundaries(probs, labels, max_dist=args.max_dist, thresholds=99,
-                                      workers=args.workers, nms='pyedgeeval')
-  ours_seconds, ours_cpu = time.perf_counter() - start, _cpu_seconds() - start_cpu
-  start, start_cpu = time.perf_counter(), _cpu_seconds()
-  per_image = reference_counts(probs, labels, thresholds, args.max_dist)
-  reference_seconds, reference_cpu = time.perf_counter() - start, _cpu_seconds() - start_cpu
-  same_rules = seism_summary(per_image, thresholds)
-  own_rules = pyedgeeval_summary(per_image, thresholds)
+  def ours(matcher):
+    return lambda prob_u8, label, totals: boundary.image_counts(
+        prob_u8, label, thresholds, max_dist, 'pyedgeeval', matcher, totals)
 
-  print(f'{args.images} images of {height}x{width}, 99 thresholds, max_dist {args.max_dist}, '
-        f'{args.workers} workers')
-  rows = [('ours', ours), ('pyEdgeEval loop, SEISM summary', same_rules),
-          ('pyEdgeEval loop, its own summary', own_rules)]
-  print(f"{'':34s}{'odsF':>9s}{'oisF':>9s}{'AP':>9s}")
+  exact, exact_stages, exact_seconds = _run(maps, ours('exact'))
+  repeat, _, _ = _run(maps, ours('exact'))
+  csa, csa_stages, csa_seconds = _run(maps, ours('csa'))
+  reference, reference_stages, reference_seconds = _run(
+      maps, lambda p, l, totals: pyedgeeval_counts(p, l, thresholds, max_dist, totals))
+
+  n = len(maps)
+  print(f'{n} {args.maps} of {height}x{width}, 99 thresholds, max_dist {max_dist}, '
+        f'pyEdgeEval NMS, one core, in this process')
+  print(f"\nCPU seconds per image{'':13s}" +
+        ''.join(f'{s:>10s}' for s in STAGES + ('other', 'total', 'wall')))
+  for name, stages, seconds in (('ours (exact matcher)', exact_stages, exact_seconds),
+                                ('ours, CSA matcher', csa_stages, csa_seconds),
+                                ('pyEdgeEval loop', reference_stages, reference_seconds)):
+    other = seconds - sum(stages.get(s, 0.0) for s in STAGES)
+    print(f'{name:34s}' + ''.join(f'{stages.get(s, 0.0) / n:10.3f}' for s in STAGES) +
+          f"{other / n:10.3f}{seconds / n:10.3f}{stages['wall'] / n:10.3f}")
+  print(f'speed-up over pyEdgeEval loop: {reference_seconds / exact_seconds:.1f}x '
+        f'(over the CSA matcher: {csa_seconds / exact_seconds:.1f}x)')
+
+  rows = [('ours (exact matcher)', seism_summary(exact, thresholds)),
+          ('ours, CSA matcher', seism_summary(csa, thresholds)),
+          ('pyEdgeEval loop, SEISM summary', seism_summary(reference, thresholds)),
+          ('pyEdgeEval loop, its own summary', pyedgeeval_summary(reference, thresholds))]
+  print(f"\n{'':34s}{'odsF':>9s}{'oisF':>9s}{'AP':>9s}")
   for name, result in rows:
-    print(f'{name:34s}' + ''.join(f"{result[f'edge/{k}']:9.3f}" for k in ('odsF', 'oisF', 'AP')))
-  difference = {k: (ours[f'edge/{k}'] - same_rules[f'edge/{k}']) / 100
-                for k in ('odsF', 'oisF', 'AP')}
-  print('difference ours - pyEdgeEval (same summary, F in [0, 1]): ' +
-        ', '.join(f'{k} {v:+.5f}' for k, v in difference.items()))
-  print(f'wall time: ours {ours_seconds:.1f}s, pyEdgeEval {reference_seconds:.1f}s, '
-        f'ratio {reference_seconds / ours_seconds:.2f}x')
-  print(f'CPU time:  ours {ours_cpu:.1f}s, pyEdgeEval {reference_cpu:.1f}s, '
-        f'ratio {reference_cpu / ours_cpu:.2f}x (the serial loop got '
-        f'{reference_cpu / reference_seconds:.2f} of a core: below 1 the machine is shared)')
-  if abs(difference['odsF']) > TOLERANCE:
-    print(f'FAIL: odsF differs by more than {TOLERANCE}')
+    print(_scores_line(name, result))
+
+  more = exact[:, boundary.MATCHED_PRED] - csa[:, boundary.MATCHED_PRED]
+  same_selection = np.array_equal(exact[:, boundary.PRED_PIXELS], csa[:, boundary.PRED_PIXELS])
+  print(f'\nexact - CSA matched pixels per (image, threshold): min {more.min()}, max '
+        f'{more.max()}, differ at {np.count_nonzero(more)} of {more.size}, total '
+        f'{more.sum()} of {csa[:, boundary.MATCHED_PRED].sum()} '
+        f'({100 * more.sum() / max(csa[:, boundary.MATCHED_PRED].sum(), 1):.3f}%); '
+        f'same thinned maps: {same_selection}')
+  thinned = exact[:, boundary.PRED_PIXELS] - reference[:, boundary.PRED_PIXELS]
+  print(f'thinned pixels ours - pyEdgeEval (binary_thin stops early): differ at '
+        f'{np.count_nonzero(thinned)} of {thinned.size}, max {np.abs(thinned).max()}')
+  deterministic = np.array_equal(exact, repeat)
+  print(f'two runs of ours identical: {deterministic}')
+
+  print('\nour odsF / oisF / AP under each protocol (exact matcher, its thresholds):')
+  for protocol, spec in boundary.PROTOCOLS.items():
+    protocol_thresholds = boundary.threshold_values(spec.thresholds)
+    counts = np.stack([boundary.image_counts(p, l, protocol_thresholds, max_dist, protocol)
+                       for p, l in maps])
+    print(_scores_line(f'  {protocol}', seism_summary(counts, protocol_thresholds)))
+  print('AP definitions on our counts: SEISM general_ap '
+        f"{seism_summary(exact, thresholds)['edge/AP']:.3f}, pyEdgeEval "
+        f"{seism_summary(exact, thresholds, ap='pyedgeeval')['edge/AP']:.3f}")
+
+  exact_ods = rows[0][1]['edge/odsF']
+  checks = {'vs CSA': exact_ods - rows[1][1]['edge/odsF'],
+            'vs pyEdgeEval loop': exact_ods - rows[2][1]['edge/odsF']}
+  print('\nodsF differences (F in [0, 1]): ' +
+        ', '.join(f'ours {k} {v / 100:+.5f}' for k, v in checks.items()))
+  if not deterministic or any(abs(v) / 100 > TOLERANCE for v in checks.values()):
+    print(f'FAIL: odsF differs by more than {TOLERANCE} or runs differ')
     return 1
-  print(f'OK: odsF within {TOLERANCE}')
+  print(f'OK: odsF within {TOLERANCE}, identical runs')
   return 0
 
 
