@@ -9,6 +9,7 @@ tested directly and fast.
 import importlib.util
 import json
 import os
+import subprocess
 
 import numpy as np
 import pytest
@@ -193,3 +194,24 @@ def test_comparison_table_and_delta_m():
   assert 'log_rmse' in table and '-0.1000' in table
   _, missing = notebook_utils.comparison(baseline, {'semseg/mIoU': 0.5}, ('semseg', 'depth'))
   assert missing.value is None
+
+
+@pytest.mark.parametrize('remote', ['https://github.com/lab/cmtdp_jax.git',
+                                    'git@github.com:lab/cmtdp_jax.git',
+                                    'https://github.com/lab/cmtdp_jax',
+                                    'ssh://git@github.com/lab/cmtdp_jax.git'])
+def test_colab_link_from_a_github_remote(remote):
+  from cmtdp_jax.tools import colab_link  # pylint: disable=import-outside-toplevel
+  assert colab_link.colab_link(remote) == ('https://colab.research.google.com/github/lab/'
+                                           'cmtdp_jax/blob/main/launch/colab_reproduce.ipynb')
+  assert os.path.join(REPO, colab_link.NOTEBOOK) == NOTEBOOK
+
+
+def test_colab_link_refuses_other_remotes(tmp_path, capsys, monkeypatch):
+  from cmtdp_jax.tools import colab_link  # pylint: disable=import-outside-toplevel
+  with pytest.raises(ValueError, match='not a GitHub remote'):
+    colab_link.colab_link('https://gitlab.com/lab/cmtdp_jax.git')
+  subprocess.run(['git', 'init', '-q', str(tmp_path)], check=True)
+  monkeypatch.chdir(tmp_path)
+  assert colab_link.main([]) == 1
+  assert capsys.readouterr().err.startswith('error: git remote origin:')
