@@ -24,8 +24,11 @@ def _fake_training(calls):
                   config.seed))
     gain = 1.0 + 0.01 * config.contrastive.weight * config.contrastive.enable
     offset = [0.0, 3.0, -2.0, 1.0][config.seed]
-    os.makedirs(workdir, exist_ok=True)
-    return {'semseg/mIoU': (40.0 + offset) * gain, 'depth/rmse': 1.0 / gain}
+    results = {'semseg/mIoU': (40.0 + offset) * gain, 'depth/rmse': 1.0 / gain}
+    os.makedirs(os.path.join(workdir, 'eval'), exist_ok=True)
+    with open(os.path.join(workdir, 'eval', f'step_{config.num_steps}.json'), 'w') as f:
+      json.dump(results, f)
+    return results
   return train_and_evaluate
 
 
@@ -114,3 +117,12 @@ def test_regularizer_share_reads_the_train_scalars(tmp_path):
   writer.close()
   assert ablation.regularizer_share(str(tmp_path)) == pytest.approx(0.05)
   assert ablation.regularizer_share(str(tmp_path / 'none')) is None
+
+
+def test_a_preempted_run_is_not_recorded(tmp_path, monkeypatch, config):
+  """train_and_evaluate returns early on SIGTERM (a checkpoint, no final eval file)."""
+  monkeypatch.setattr(ablation.train, 'train_and_evaluate', lambda config, workdir: {})
+  with pytest.raises(ablation.Interrupted, match='n10_w0_seed0 stopped before step 7'):
+    ablation.run_study(config, str(tmp_path / 'w'), str(tmp_path / 'r'), [0.0], [10], [0], [],
+                       [], False)
+  assert not (tmp_path / 'r').exists()

@@ -105,6 +105,10 @@ def regularizer_share(workdir: str) -> float | None:
   return float(np.mean(shares)) if shares else None
 
 
+class Interrupted(Exception):
+  """A run returned before its last step (preemption): nothing is recorded for it."""
+
+
 def run_cell(config, workdir, results_dir, train_size, weight, extra, seed) -> dict:
   """The result record of one run, training it unless its result file exists."""
   name = f'{cell_name(train_size, weight, extra)}_seed{seed}'
@@ -116,6 +120,9 @@ def run_cell(config, workdir, results_dir, train_size, weight, extra, seed) -> d
   run_dir = os.path.join(workdir, name)
   start = time.time()
   metrics = train.train_and_evaluate(run_config, run_dir)
+  if not os.path.exists(os.path.join(run_dir, 'eval', f'step_{run_config.num_steps}.json')):
+    raise Interrupted(f'{name} stopped before step {run_config.num_steps} (SIGTERM); its '
+                      'checkpoint is kept: rerun the same command to resume the study')
   share = regularizer_share(run_dir)
   record = {'cell': cell_name(train_size, weight, extra), 'seed': seed, 'weight': weight,
             'train_size': train_size, 'extra': extra, 'num_steps': run_config.num_steps,
@@ -322,6 +329,13 @@ def _analyze_premise(config, workdir, results_dir, train_size, weight, seed):
 
 def main(argv):
   del argv
+  try:
+    _run_from_flags()
+  except Interrupted as e:
+    print(e, flush=True)
+
+
+def _run_from_flags():
   run_study(FLAGS.config, FLAGS.workdir, FLAGS.results_dir or FLAGS.workdir,
             [float(w) for w in FLAGS.weights], [int(n) for n in FLAGS.train_sizes],
             [int(s) for s in FLAGS.seeds], list(FLAGS.extras),
