@@ -6,55 +6,137 @@ all a resumed run needs to continue exactly where it stopped. Orbax writes each
 step to a temporary directory and renames it when complete, and deletes old
 steps only after a newer one is finished, so an interrupted save never costs
 the previous checkpoint.
+
+A checkpoint is damaged when its files cannot be read back (a truncated array
+file, a deleted `_METADATA` or `default/`); a resume skips it for the newest
+intact one and moves it aside to `<step>.corrupt`, never deleting it. One that
+reads back but does not fit the config, or holds non-finite values, stops
+the run with one line instead: an older checkpoint of the same run would not
+do better.
 """
 
 from __future__ import annotations
 
+import logging as python_logging
 import os
+import sys
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging
+from etils import epath
+from jax.experimental import multihost_utils
+
+
+class DamagedCheckpointError(ValueError):
+  """A checkpoint whose files cannot be read back."""
 
 
 class Checkpointer:
-  """Saves every `every_steps` steps (and on demand), keeps the last `keep`."""
+  """Saves every `every_steps` steps (and on demand), keeps the last `keep`.
 
-  def __init__(self, workdir: str, every_steps: int, keep: int, async_save: bool = True):
+  `read_only` (evaluation, analysis) creates, cleans and moves nothing, so it
+  is safe next to a run that is training in the same workdir.
+  """
+
+  def __init__(self, workdir: str, every_steps: int, keep: int, async_save: bool = True,
+               read_only: bool = False):
     # Orbax wants absolute paths; keep URLs such as gs://... as they are.
     if '://' not in workdir:
       workdir = os.path.abspath(workdir)
     self.directory = os.path.join(workdir, 'checkpoints')
     self.every_steps = max(every_steps, 1)
+    self.read_only = read_only
+    if read_only and not epath.Path(self.directory).exists():
+      raise FileNotFoundError(f'no checkpoint in {self.directory}')
     self.manager = ocp.CheckpointManager(
-        self.directory,
+        self.directory, item_handlers=ocp.StandardCheckpointHandler(),
         options=ocp.CheckpointManagerOptions(
-            max_to_keep=keep, enable_async_checkpointing=async_save, create=True,
-            cleanup_tmp_directories=True))
+            max_to_keep=keep, enable_async_checkpointing=async_save, create=not read_only,
+            cleanup_tmp_directories=not read_only, read_only=read_only))
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
   def maybe_save(self, step: int, state, force: bool = False) -> bool:
     """Saves at the configured interval, or now with `force` (end, SIGTERM)."""
-    if self.manager.latest_step() == step or not (force or step % self.every_steps == 0):
+    if not self.due(step, force):
       return False
     return self.manager.save(step, args=ocp.args.StandardSave(state), force=True)
 
+  def due(self, step: int, force: bool = False) -> bool:
+    """Whether `maybe_save(step, ..., force)` would write a checkpoint."""
+    return self.manager.latest_step() != step and (force or step % self.every_steps == 0)
+
   def restore(self, abstract_state, step: int | None = None):
-    """Restores `step` (default: latest) into the shapes, dtypes and shardings
-    of `abstract_state` (a tree of `jax.ShapeDtypeStruct` with shardings)."""
-    step = self.manager.latest_step() if step is None else step
-    if step is None:
-      raise FileNotFoundError(f'no checkpoint in {self.directory}')
+    """Restores `step`, by default the newest intact checkpoint, into the shapes,
+    dtypes and shardings of `abstract_state` (a tree of `jax.ShapeDtypeStruct`
+    with shardings). Every failure is one line.
+
+    A damaged latest checkpoint is reported in one line and, unless read-only,
+    moved aside to `<step>.corrupt`, so that the run saves that step again.
+    """
+    if step is not None:
+      return self._restore_step(abstract_state, step)
+    damaged = []
+    for candidate in sorted(self.manager.all_steps(), reverse=True):
+      try:
+        return self._restore_step(abstract_state, candidate)
+      except DamagedCheckpointError as e:
+        damaged.append(str(candidate))
+        if self.read_only:
+          logging.warning('Skipping checkpoint %s', e)
+        else:
+          logging.warning('Skipping checkpoint %s; moved it to %s', e,
+                          self._move_aside(candidate))
+    if damaged:
+      raise FileNotFoundError(f'no intact checkpoint in {self.directory}: '
+                              f'{", ".join(damaged)} damaged')
+    raise FileNotFoundError(f'no checkpoint in {self.directory}')
+
+  def _restore_step(self, abstract_state, step: int):
     if step not in self.manager.all_steps():
       raise FileNotFoundError(f'no checkpoint for step {step} in {self.directory} '
                               f'(have {sorted(self.manager.all_steps())})')
+    path = f'{self.directory}/{step}'
+    if not (epath.Path(path) / 'default').exists():
+      raise DamagedCheckpointError(f'{path} is damaged: it has no default/ folder')
     try:
-      return self.manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
-    except (ValueError, KeyError, TypeError) as e:
-      first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-      raise ValueError(f'checkpoint {self.directory}/{step} does not match this config '
-                       f'(different model, tasks or optimizer?): {first_line}') from e
+      metadata = self.manager.item_metadata(step)
+    except Exception as e:  # pylint: disable=broad-except  # Orbax raises many kinds
+      _drop_reads_into_closed_loop()
+      raise DamagedCheckpointError(f'{path} is damaged: {_first_line(e)}') from e
+    if metadata is None or getattr(metadata, 'tree', None) is None:
+      raise DamagedCheckpointError(f'{path} is damaged: default/_METADATA cannot be read')
+    mismatch = describe_mismatch(metadata.tree, abstract_state)
+    if mismatch:
+      raise ValueError(f'checkpoint {path} does not match this config (different model, '
+                       f'tasks or optimizer?): {mismatch}')
+    try:
+      state = self.manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
+    except Exception as e:  # pylint: disable=broad-except
+      _drop_reads_into_closed_loop()
+      raise DamagedCheckpointError(f'{path} is damaged: {_first_line(e)}') from e
+    nonfinite = nonfinite_arrays(state)
+    if nonfinite:
+      raise ValueError(f'checkpoint {path} holds non-finite values in {len(nonfinite)} '
+                       f'arrays (first: {nonfinite[0]}); it cannot be resumed or evaluated')
+    return state
+
+  def _move_aside(self, step: int) -> str:
+    source = epath.Path(self.directory) / str(step)
+    target = source.with_name(f'{step}.corrupt')
+    suffix = 1
+    while target.exists():
+      suffix += 1
+      target = source.with_name(f'{step}.corrupt{suffix}')
+    if jax.process_index() == 0:
+      source.rename(target)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices(f'checkpoint {step} moved aside')
+    self.manager.reload()
+    return str(target)
 
   def wait(self):
     self.manager.wait_until_finished()
@@ -62,6 +144,84 @@ class Checkpointer:
   def close(self):
     self.manager.wait_until_finished()
     self.manager.close()
+
+
+def describe_mismatch(stored_tree, abstract_state, limit: int = 3) -> str:
+  """'' if the stored tree has the keys, shapes and dtypes of `abstract_state`,
+  else one line naming the first `limit` missing, unexpected and mis-shaped keys."""
+  stored = ocp.tree.to_flat_dict(stored_tree)
+  wanted = ocp.tree.to_flat_dict(ocp.tree.serialize_tree(abstract_state, keep_empty_nodes=True))
+  name = '/'.join
+  kinds = {
+      'missing': [name(k) for k in wanted if k not in stored],
+      'unexpected': [name(k) for k in stored if k not in wanted],
+      'mis-shaped': [f'{name(k)} {_shape_dtype(stored[k])} in the checkpoint, '
+                     f'{_shape_dtype(v)} here' for k, v in wanted.items()
+                     if k in stored and _shape_dtype(stored[k]) != _shape_dtype(v)],
+  }
+  parts = []
+  for kind, keys in kinds.items():
+    if keys:
+      more = f' and {len(keys) - limit} more' if len(keys) > limit else ''
+      parts.append(f'{len(keys)} {kind} ({"; ".join(keys[:limit])}{more})')
+  return ', '.join(parts)
+
+
+def nonfinite_arrays(state) -> list[str]:
+  """Paths of the floating arrays of `state` with a NaN or inf, checked on the
+  host-local shards and agreed between processes."""
+  found = []
+  for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:
+    if np.issubdtype(leaf.dtype, np.inexact) and not all(np.isfinite(np.asarray(shard.data)).all()
+                                     for shard in leaf.addressable_shards):
+      found.append(jax.tree_util.keystr(path, simple=True, separator='/'))
+  if jax.process_count() > 1:
+    counts = multihost_utils.process_allgather(np.int32(len(found)))
+    if np.max(counts) and not found:
+      found = ['(on another process)']
+  return found
+
+
+class _DropOrbaxNotices(python_logging.Filter):
+  """Orbax warns that a read-only manager is read-only, and that a damaged item
+  "could not be restored" before it says why: our one line says both."""
+
+  NOTICES = ('Given directory is read only', 'read_only=True, setting',
+             'was found in the checkpoint, but could not be restored')
+
+  def filter(self, record):
+    return not any(notice in record.getMessage() for notice in self.NOTICES)
+
+
+python_logging.getLogger('absl').addFilter(_DropOrbaxNotices())
+
+
+def _drop_reads_into_closed_loop():
+  """After a failed read TensorStore still completes the other reads into Orbax's
+  event loop, closed by then, and Python prints a 'RuntimeError: Event loop is
+  closed' traceback for each: drops just those (our one line says what failed)."""
+  previous = sys.unraisablehook
+  if getattr(previous, 'drops_reads_into_closed_loop', False):
+    return
+
+  def hook(unraisable):
+    error = unraisable.exc_value
+    if not (isinstance(error, RuntimeError) and str(error) == 'Event loop is closed'):
+      previous(unraisable)
+
+  hook.drops_reads_into_closed_loop = True
+  sys.unraisablehook = hook
+
+
+def _shape_dtype(x) -> str:
+  return f'{tuple(x.shape)} {np.dtype(x.dtype).name}'
+
+
+def _first_line(error: Exception) -> str:
+  """The first line of an Orbax/TensorStore error, without its spec dump."""
+  text = str(error).strip() or type(error).__name__
+  return text.splitlines()[0].split('. See full TensorStore details')[0].split(
+      ' [tensorstore_spec=')[0]
 
 
 def abstract_like(state, shardings):

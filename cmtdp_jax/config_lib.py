@@ -85,6 +85,8 @@ def base_config() -> ml_collections.ConfigDict:
   config.keep_checkpoints = 3
   config.eval_every = 0  # 0 = only at the end
   config.max_nonfinite_streak = 20  # stop after this many consecutive NaN steps
+  # Resume even if a field of RESUME_FIXED changed since the checkpoint's run.
+  config.allow_config_change = False
 
   config.eval = ml_collections.ConfigDict()
   # Per-task options of evaluation.make_metric (num_classes comes from the dataset).
@@ -189,3 +191,37 @@ def validate(config, num_devices: int) -> None:
   if not 0 < augment.min_scale <= augment.max_scale:
     raise ValueError(f'config.data.augment scales ({augment.min_scale}, {augment.max_scale}) '
                      'must satisfy 0 < min_scale <= max_scale')
+
+
+# Fields a resumed run must share with the run that wrote its checkpoint: with
+# another batch size, dataset, task list or model it would not continue that run.
+RESUME_FIXED = ('batch_size', 'tasks', 'data', 'model')
+# ... except those that only say where the data lives, how fast it is read, what
+# evaluation uses, or what only a fresh run loads.
+RESUME_FREE = ('data.data_dir', 'data.manual_dir', 'data.cache', 'data.prefetch',
+               'data.device_prefetch', 'data.threads', 'data.eval_split', 'data.eval_crop_size',
+               'model.remat', 'model.pretrained')
+
+
+class _Absent:
+  def __repr__(self):
+    return '<absent>'
+
+
+ABSENT = _Absent()  # the value of a field that a config (e.g. an older run's) lacks
+
+
+def changed_fields(old: dict, new: dict, prefix: str = ''):
+  """Yields (field, old value, new value) for every leaf that differs between two
+  configs as JSON dicts (`ABSENT` for a field one of them lacks)."""
+  for name in sorted(set(old) | set(new)):
+    a, b = old.get(name, ABSENT), new.get(name, ABSENT)
+    if isinstance(a, dict) and isinstance(b, dict):
+      yield from changed_fields(a, b, f'{prefix}{name}.')
+    elif a != b and name != 'allow_config_change':
+      yield f'{prefix}{name}', a, b
+
+
+def fixed_on_resume(field: str) -> bool:
+  within = lambda names: any(field == n or field.startswith(n + '.') for n in names)
+  return within(RESUME_FIXED) and not within(RESUME_FREE)

@@ -183,7 +183,7 @@ def load_predictor(config, workdir: str):
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   shardings = jax.tree.map(lambda _: device, abstract)
   checkpointer = checkpointing.Checkpointer(workdir, config.checkpoint_every,
-                                            config.keep_checkpoints)
+                                            config.keep_checkpoints, read_only=True)
   try:
     state = checkpointer.restore(checkpointing.abstract_like(abstract, shardings))
   finally:

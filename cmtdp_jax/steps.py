@@ -34,7 +34,7 @@ class TrainState:
   params: Any
   batch_stats: Any
   opt_state: Any
-  nonfinite_steps: jax.Array  # total updates skipped for a non-finite loss/grad
+  nonfinite_steps: jax.Array  # total updates rejected as non-finite (train_step)
   nonfinite_streak: jax.Array  # consecutive ones, to stop a diverged run
 
 
@@ -49,6 +49,7 @@ class Trainer:
   loss_options: Any = flax.struct.field(pytree_node=False)
   regularizer_weight: float = flax.struct.field(pytree_node=False)
   seed: int = flax.struct.field(pytree_node=False)
+  max_nonfinite_streak: int = flax.struct.field(pytree_node=False)
 
 
 def learning_rate_schedule(optim_config, total_steps: int):
@@ -85,7 +86,8 @@ def make_trainer(config, model, total_steps: int) -> Trainer:
       tx=make_optimizer(config.optim, total_steps), task_names=task_names,
       loss_weights=tuple(weights.get(t, tasks_lib.get_task(t).loss_weight) for t in task_names),
       loss_options={t: dict(config.loss_options.get(t, {})) for t in task_names},
-      regularizer_weight=float(config.contrastive.weight), seed=int(config.seed))
+      regularizer_weight=float(config.contrastive.weight), seed=int(config.seed),
+      max_nonfinite_streak=int(config.max_nonfinite_streak))
 
 
 def init_key(seed: int):
@@ -192,28 +194,43 @@ def aux_predictions(intermediates) -> dict[str, jax.Array]:
 
 
 def train_step(trainer: Trainer, state: TrainState, batch):
-  """One SGD step. A non-finite loss or gradient leaves the state untouched and
-  is counted instead, so a checkpoint never holds NaN."""
+  """One SGD step that never makes the state non-finite, so no checkpoint holds NaN.
+
+  An update whose loss, gradient or new state (parameters, optimizer state, BN
+  statistics) is not finite is rejected: the state stays as it was and the
+  rejection is counted. Once `max_nonfinite_streak` consecutive updates were
+  rejected the state stops changing altogether (its step too), so the loop can
+  read the streak only when it fetches metrics anyway and still stop the run
+  at exactly the step that reached the limit.
+  """
   rng = jax.random.fold_in(jax.random.key(trainer.seed), state.step)
   grad_fn = jax.value_and_grad(compute_losses, argnums=1, has_aux=True)
   (loss, (batch_stats, metrics)), grads = grad_fn(trainer, state.params, state.batch_stats,
                                                   batch, rng)
   updates, opt_state = trainer.tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  # One norm instead of a reduction per leaf: the latter compiles many times
-  # slower on XLA:CPU. (A finite gradient whose norm overflows counts as bad.)
+  # One norm per tree instead of a reduction and a branch per leaf: the latter
+  # compiles many times slower on XLA:CPU. A squared norm that overflows float32
+  # counts as non-finite, which also rejects finite garbage (parameters of 1e30).
   grad_norm = optax.global_norm(grads)
-  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-  keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+  new_state_norm = optax.global_norm([x for x in jax.tree.leaves((params, opt_state, batch_stats))
+                                      if jnp.issubdtype(x.dtype, jnp.inexact)])
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(new_state_norm)
+  running = state.nonfinite_streak < trainer.max_nonfinite_streak
+  accept = finite & running
+  rejected = (running & ~finite).astype(jnp.int32)
+  keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(accept, n, o), new, old)
+  streak = jnp.where(accept, 0, state.nonfinite_streak + rejected)
   metrics['grad_norm'] = grad_norm
   metrics['skipped'] = 1.0 - finite.astype(jnp.float32)
+  metrics['nonfinite_streak'] = streak
   return TrainState(
-      step=state.step + 1,
+      step=state.step + running.astype(jnp.int32),
       params=keep(params, state.params),
       batch_stats=keep(batch_stats, state.batch_stats),
       opt_state=keep(opt_state, state.opt_state),
-      nonfinite_steps=state.nonfinite_steps + (~finite).astype(jnp.int32),
-      nonfinite_streak=jnp.where(finite, 0, state.nonfinite_streak + 1)), metrics
+      nonfinite_steps=state.nonfinite_steps + rejected,
+      nonfinite_streak=streak), metrics
 
 
 @contextlib.contextmanager

@@ -19,6 +19,7 @@ import time
 import jax
 import numpy as np
 from absl import logging
+from etils import epath
 from flax.metrics import tensorboard
 from jax.experimental import multihost_utils
 
@@ -29,6 +30,7 @@ from cmtdp_jax import evaluation
 from cmtdp_jax import progress
 from cmtdp_jax import sharding
 from cmtdp_jax import steps
+from cmtdp_jax import workdir_lock
 from cmtdp_jax.data import pipeline
 from cmtdp_jax.evaluation import visualize
 from cmtdp_jax.models import convert
@@ -61,7 +63,6 @@ def _setup(config, workdir):
   """Everything train and eval share: mesh, data spec, model, trainer, shardings."""
   mesh = sharding.make_mesh(config.mesh)
   config_lib.validate(config, sharding.data_parallel_size(mesh))
-  _check_writable(workdir)
   spec = data_lib.get_dataset_spec(config.data.name)
   model, trainer, init, abstract = steps.build(config)
   state_sharding = sharding.state_shardings(abstract, mesh, config.mesh.fsdp_min_size)
@@ -79,6 +80,51 @@ def _check_writable(workdir):
     os.remove(probe)
   except OSError as e:
     raise ValueError(f'--workdir {workdir} is not writable: {e.strerror}') from e
+
+
+def _config_files(workdir) -> dict[int, epath.Path]:
+  """The config of every start of a run in `workdir`, by the step it started from."""
+  found = {}
+  for path in epath.Path(workdir).glob('config*.json'):
+    start = path.name[len('config.'):-len('.json')]
+    if path.name == 'config.json' or start.isdigit():
+      found[int(start) if start.isdigit() else 0] = path
+  return found
+
+
+def _save_config(config, workdir, start_step):
+  """Keeps the config of every start: `config.json` of the first, then
+  `config.<start_step>.json`, so that no resume overwrites the original."""
+  name = f'config.{start_step}.json' if start_step else 'config.json'
+  (epath.Path(workdir) / name).write_text(config.to_json_best_effort(indent=2))
+
+
+def _check_config_change(config, workdir, checkpoint_step):
+  """Logs every field changed since the run that wrote `checkpoint_step`, one
+  line each; refuses those that make the resumed run another experiment
+  (`config_lib.RESUME_FIXED`) unless `config.allow_config_change`."""
+  earlier = {start: path for start, path in _config_files(workdir).items()
+             if start < checkpoint_step}
+  if not earlier:
+    logging.warning('No config.json of the run that wrote checkpoint %d: cannot tell which '
+                    'fields changed', checkpoint_step)
+    return
+  path = earlier[max(earlier)]
+  try:
+    previous = json.loads(path.read_text())
+  except ValueError as e:
+    raise ValueError(f'{path} is not valid JSON ({e}); it is the config of the run that '
+                     f'wrote checkpoint {checkpoint_step}') from e
+  current = json.loads(config.to_json_best_effort())
+  refused = []
+  for field, old, new in config_lib.changed_fields(previous, current):
+    logging.warning('config.%s changed since %s: %s -> %s', field, path.name, old, new)
+    if old is not config_lib.ABSENT and config_lib.fixed_on_resume(field):
+      refused.append(f'config.{field}')
+  if refused and not config.allow_config_change:
+    raise ValueError(f'{", ".join(refused)} changed since {path} (the run that wrote checkpoint '
+                     f'{checkpoint_step}): resuming would not continue that run; pass '
+                     '--config.allow_config_change=True to resume anyway, or another --workdir')
 
 
 def _create_state(config, init, abstract, state_sharding, checkpointer):
@@ -106,35 +152,42 @@ def _load_pretrained_backbone(state, model_config, state_sharding):
 
 
 def train_and_evaluate(config, workdir: str) -> dict[str, float]:
-  """Trains `config` in `workdir` (resuming if possible); returns final eval results."""
+  """Trains `config` in `workdir` (resuming if possible); returns final eval results.
+
+  One run per workdir: process 0 holds `workdir_lock` until the run ends, and
+  takes it before it writes anything there.
+  """
   mesh, spec, model, trainer, init, abstract, state_sharding = _setup(config, workdir)
+  _check_writable(workdir)
   is_chief = jax.process_index() == 0
-  writer = tensorboard.SummaryWriter(workdir) if is_chief else None
-  if is_chief:
-    with open(os.path.join(workdir, 'config.json'), 'w') as f:
-      f.write(config.to_json_best_effort(indent=2))
-
-  checkpointer = checkpointing.Checkpointer(workdir, config.checkpoint_every,
-                                            config.keep_checkpoints)
-  state = _create_state(config, init, abstract, state_sharding, checkpointer)
-  start_step = int(state.step)
-
-  batch_sharding = sharding.batch_sharding(mesh)
-  train_step = steps.make_train_step(trainer, state_sharding, batch_sharding,
-                                     sharding.replicated(mesh))
-  train_source = pipeline.open_split(config.data, spec.train_split, config.tasks)
-  eval_source = pipeline.open_eval_split(config)
-  batches = pipeline.global_batches(
-      pipeline.train_dataset(train_source, config, start_step), batch_sharding,
-      config.data.device_prefetch)
-  preemption = _Preemption(checkpointer)
-  logging.info('Training %s on %s for %d steps (from %d), %d devices, global batch %d',
-               config.model.framework, spec.name, config.num_steps, start_step,
-               jax.device_count(), config.batch_size)
-
-  pending, last_log, last_log_step = [], time.time(), start_step
-  results = {}
+  lock = workdir_lock.acquire(workdir) if is_chief else None
+  checkpointer, writer = None, None
   try:
+    checkpointer = checkpointing.Checkpointer(workdir, config.checkpoint_every,
+                                              config.keep_checkpoints)
+    if checkpointer.latest_step() is not None:
+      _check_config_change(config, workdir, checkpointer.latest_step())
+    state = _create_state(config, init, abstract, state_sharding, checkpointer)
+    start_step = int(state.step)
+    if is_chief:
+      _save_config(config, workdir, start_step)
+      writer = tensorboard.SummaryWriter(workdir)
+
+    batch_sharding = sharding.batch_sharding(mesh)
+    train_step = steps.make_train_step(trainer, state_sharding, batch_sharding,
+                                       sharding.replicated(mesh))
+    train_source = pipeline.open_split(config.data, spec.train_split, config.tasks)
+    eval_source = pipeline.open_eval_split(config)
+    batches = pipeline.global_batches(
+        pipeline.train_dataset(train_source, config, start_step), batch_sharding,
+        config.data.device_prefetch)
+    preemption = _Preemption(checkpointer)
+    logging.info('Training %s on %s for %d steps (from %d), %d devices, global batch %d',
+                 config.model.framework, spec.name, config.num_steps, start_step,
+                 jax.device_count(), config.batch_size)
+
+    pending, last_log, last_log_step = [], time.time(), start_step
+    results = {}
     with jax.set_mesh(mesh), steps.count_compilations() as compilations:
       for step in range(start_step + 1, config.num_steps + 1):
         batch = next(batches)
@@ -148,6 +201,13 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
           _log_first_step(step, config.num_steps, jax.device_get(metrics),
                           time.time() - last_log, call_seconds)
           last_log, last_log_step = time.time(), step  # the rates leave the compile out
+        preempted = preemption.reached(step)
+        evaluating = (bool(config.eval_every) and step % config.eval_every == 0
+                      and step != config.num_steps)
+        if is_log_step or preempted or evaluating or checkpointer.due(step):
+          # The state stops changing at the streak limit (steps.train_step): stop the
+          # run before that state is logged, saved or evaluated as if still training.
+          _check_divergence(jax.device_get(pending), step, config.max_nonfinite_streak)
         if is_log_step:
           averaged = _mean_metrics(pending)
           pending = []
@@ -155,25 +215,30 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
           rate = (step - last_log_step) * config.batch_size / max(now - last_log, 1e-9)
           _log_progress(step, config.num_steps, averaged, rate, config.batch_size, writer)
           last_log, last_log_step = now, step
-          _check_divergence(state, averaged, step, config.max_nonfinite_streak)
+          if averaged['skipped'] > 0:
+            logging.warning('step %d: skipped non-finite updates (total %d)', step,
+                            int(state.nonfinite_steps))
           if compilations['jit(train_step)'] > 1:
             logging.warning('step %d: the train step compiled %d times: a batch changed shape, '
                             'dtype or sharding', step, compilations['jit(train_step)'])
         checkpointer.maybe_save(step, state, force=step == config.num_steps)
-        if preemption.reached(step):
+        if preempted:
           checkpointer.maybe_save(step, state, force=True)
           logging.info('SIGTERM: saved step %d, exiting', step)
           return results
-        if config.eval_every and step % config.eval_every == 0 and step != config.num_steps:
+        if evaluating:
           results = _evaluate_and_write(config, workdir, model, state, eval_source, mesh,
                                         step, writer)
       logging.info('Train step compilations in this run: %d', compilations['jit(train_step)'])
       results = _evaluate_and_write(config, workdir, model, state, eval_source, mesh,
                                     int(state.step), writer)
   finally:
-    checkpointer.close()  # never exit with a save still being written
+    if checkpointer:
+      checkpointer.close()  # never exit with a save still being written
     if writer:
       writer.flush()
+    if lock:
+      lock.release()
   return results
 
 
@@ -183,10 +248,13 @@ def restore(config, workdir: str, step: int | None = None):
   Returns (mesh, model, trainer, state, eval_source).
   """
   mesh, _, model, trainer, _, abstract, state_sharding = _setup(config, workdir)
+  # Read-only: safe next to a run training in the same workdir; creates nothing.
   checkpointer = checkpointing.Checkpointer(workdir, config.checkpoint_every,
-                                            config.keep_checkpoints)
-  state = checkpointer.restore(checkpointing.abstract_like(abstract, state_sharding), step)
-  checkpointer.close()
+                                            config.keep_checkpoints, read_only=True)
+  try:
+    state = checkpointer.restore(checkpointing.abstract_like(abstract, state_sharding), step)
+  finally:
+    checkpointer.close()
   eval_source = pipeline.open_eval_split(config)
   return mesh, model, trainer, state, eval_source
 
@@ -194,6 +262,7 @@ def restore(config, workdir: str, step: int | None = None):
 def evaluate(config, workdir: str, step: int | None = None) -> dict[str, float]:
   """Restores checkpoint `step` (default latest) and evaluates the eval split."""
   mesh, model, _, state, eval_source = restore(config, workdir, step)
+  _check_writable(workdir)
   with jax.set_mesh(mesh):
     return _evaluate_and_write(config, workdir, model, state, eval_source, mesh,
                                int(state.step), None)
@@ -308,12 +377,16 @@ def _write_scalars(writer, step, values, prefix):
       writer.scalar(f'{prefix}/{key}', value, step)
 
 
-def _check_divergence(state, metrics, step, max_streak):
-  streak = int(state.nonfinite_streak)
-  if streak >= max_streak:
-    losses = ', '.join(f'{k}={v:.4g}' for k, v in metrics.items() if k.startswith('loss/'))
-    raise FloatingPointError(f'{streak} consecutive non-finite steps up to step {step}; '
-                             f'task losses: {losses}')
-  if metrics.get('skipped', 0.0) > 0:
-    logging.warning('step %d: skipped non-finite updates (total %d)', step,
-                    int(state.nonfinite_steps))
+def _check_divergence(fetched_metrics, last_step, max_streak):
+  """Stops the run at the step that made `max_streak` consecutive non-finite updates.
+
+  `fetched_metrics` are the host copies of the steps' metrics up to `last_step`.
+  """
+  first_step = last_step - len(fetched_metrics) + 1
+  for offset, metrics in enumerate(fetched_metrics):
+    if metrics['nonfinite_streak'] >= max_streak:
+      losses = ', '.join(f'{k}={float(v):.4g}' for k, v in metrics.items()
+                         if k.startswith('loss/'))
+      raise FloatingPointError(
+          f'{max_streak} consecutive non-finite steps (loss, gradient or updated state) up to '
+          f'step {first_step + offset}, none of them applied; task losses: {losses}')

@@ -74,8 +74,9 @@ def test_two_processes_match_one_process(tmp_path, data_dir):
 
 
 def test_consecutive_nonfinite_steps_stop_with_a_message():
-  state = steps.TrainState(step=5, params={}, batch_stats={}, opt_state={},
-                           nonfinite_steps=np.int32(3), nonfinite_streak=np.int32(3))
-  with pytest.raises(FloatingPointError, match=r'3 consecutive non-finite steps up to step 5.*'
-                                                r'loss/depth=nan'):
-    train._check_divergence(state, {'loss/depth': float('nan'), 'skipped': 1.0}, 5, 3)
+  fetched = [{'loss/depth': 1.0, 'nonfinite_streak': 0}] + [
+      {'loss/depth': float('nan'), 'nonfinite_streak': streak} for streak in (1, 2, 3, 3)]
+  train._check_divergence(fetched[:3], 5, 3)  # below the limit
+  with pytest.raises(FloatingPointError, match=r'3 consecutive non-finite steps .*up to step 6,'
+                                                r'.*loss/depth=nan'):
+    train._check_divergence(fetched, 7, 3)

@@ -9,6 +9,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from cmtdp_jax import benchmark, sharding, steps
 from cmtdp_jax.data import synthetic_world
@@ -82,19 +83,64 @@ def test_training_lowers_every_task_loss():
     assert last < 0.9 * first, f'{task}: {first:.4f} -> {last:.4f}'
 
 
-def test_nonfinite_batch_is_skipped_and_counted():
+@pytest.fixture(scope='module')
+def guarded():
+  """One compiled tiny train step (AdamW) for the non-finite guard's tests."""
   config = tiny_config()
   mesh = sharding.make_mesh(config.mesh)
   _, state, step = build(config, mesh)
+  return config, mesh, state, step
+
+
+def run_step(guarded, state, batch):
+  _, mesh, _, step = guarded
+  with jax.set_mesh(mesh):
+    return step(jax.tree.map(jnp.copy, state), batch)  # the step donates its input
+
+
+def assert_same(tree_a, tree_b):
+  for a, b in zip(jax.tree.leaves(tree_a), jax.tree.leaves(tree_b)):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_nonfinite_batch_is_skipped_and_counted(guarded):
+  config, _, state, _ = guarded
   batch = make_batch(config)
   batch['image'][0, 0, 0, 0] = np.nan
-  with jax.set_mesh(mesh):
-    new_state, metrics = step(jax.tree.map(jnp.copy, state), batch)  # the step donates
+  new_state, metrics = run_step(guarded, state, batch)
   assert float(metrics['skipped']) == 1.0
   assert int(new_state.nonfinite_steps) == 1 and int(new_state.nonfinite_streak) == 1
   assert int(new_state.step) == 1
-  for a, b in zip(jax.tree.leaves(new_state.params), jax.tree.leaves(state.params)):
-    np.testing.assert_array_equal(a, b)
+  assert_same(new_state.params, state.params)
+
+
+def test_update_to_garbage_state_is_rejected_despite_finite_loss_and_gradient(guarded):
+  """A finite loss and gradient can still make the new state non-finite or absurd
+  (lr=inf or 1e30, here an optimizer moment of 1e30): the whole update is rejected."""
+  config, _, state, _ = guarded
+  flat, treedef = jax.tree_util.tree_flatten_with_path(state.opt_state)
+  leaves = [leaf for _, leaf in flat]
+  first_moment = next(i for i, (path, _) in enumerate(flat)
+                      if '.mu[' in jax.tree_util.keystr(path))
+  leaves[first_moment] = jax.device_put(jnp.full_like(leaves[first_moment], 1e30),
+                                        leaves[first_moment].sharding)
+  garbage = state.replace(opt_state=jax.tree_util.tree_unflatten(treedef, leaves))
+  new_state, metrics = run_step(guarded, garbage, make_batch(config))
+  assert np.isfinite(metrics['loss/total']) and np.isfinite(metrics['grad_norm'])
+  assert float(metrics['skipped']) == 1.0 and int(new_state.nonfinite_streak) == 1
+  assert_same(new_state.params, state.params)
+
+
+def test_state_stops_changing_at_the_streak_limit(guarded):
+  """The loop reads the streak only when it fetches metrics, and still stops at
+  exactly the step that reached the limit: the state no longer changes."""
+  config, _, state, _ = guarded
+  limit = np.int32(config.max_nonfinite_streak)
+  stopped = state.replace(step=jnp.int32(7), nonfinite_steps=limit, nonfinite_streak=limit)
+  new_state, metrics = run_step(guarded, stopped, make_batch(config))
+  assert np.isfinite(metrics['loss/total']) and int(metrics['nonfinite_streak']) == limit
+  assert int(new_state.step) == 7 and int(new_state.nonfinite_steps) == limit
+  assert_same(new_state, stopped)
 
 
 def test_inference_is_untouched_by_the_regularizer():

@@ -1,0 +1,232 @@
+"""What a run does when things go wrong: divergence, damaged checkpoints, a busy
+workdir, a changed config, a missing checkpoint (the README's "Failure behaviour")."""
+
+import glob
+import json
+import logging
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cmtdp_jax import checkpointing, steps, train, workdir_lock
+from tests.conftest import tiny_config
+from tests.test_cli import ROOT, run_main
+
+
+def save_steps(workdir, states):
+  checkpointer = checkpointing.Checkpointer(workdir, every_steps=1, keep=10, async_save=False)
+  for step, state in states.items():
+    checkpointer.maybe_save(step, state)
+  checkpointer.close()
+  return os.path.join(workdir, 'checkpoints')
+
+
+def abstract_of(state):
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                      state)
+
+
+def test_damaged_checkpoints_are_skipped_and_moved_aside(tmp_path, caplog):
+  states = {step: {'w': jnp.full((64, 64), float(step)), 'b': jnp.arange(3.0) * step}
+            for step in (1, 2, 3, 4)}
+  directory = save_steps(str(tmp_path), states)
+  largest = max(glob.glob(f'{directory}/4/default/**/d/*', recursive=True), key=os.path.getsize)
+  with open(largest, 'r+b') as f:
+    f.truncate(100)
+  os.remove(f'{directory}/3/default/_METADATA')
+  shutil.rmtree(f'{directory}/2/default')
+
+  # A reader (eval) falls back too, but moves nothing.
+  reader = checkpointing.Checkpointer(str(tmp_path), 1, 10, read_only=True)
+  np.testing.assert_array_equal(reader.restore(abstract_of(states[1]))['b'], [0, 1, 2])
+  reader.close()
+  assert sorted(os.listdir(directory)) == ['1', '2', '3', '4']
+
+  caplog.set_level(logging.WARNING)
+  checkpointer = checkpointing.Checkpointer(str(tmp_path), 1, 10, async_save=False)
+  restored = checkpointer.restore(abstract_of(states[1]))
+  np.testing.assert_array_equal(restored['b'], [0, 1, 2])
+  assert sorted(os.listdir(directory)) == ['1', '2.corrupt', '3.corrupt', '4.corrupt']
+  skipped = [r.getMessage() for r in caplog.records if 'moved it to' in r.getMessage()]
+  assert len(skipped) == 3 and all('\n' not in line for line in skipped), skipped
+  assert f'{directory}/4 is damaged: ' in skipped[0] and '4.corrupt' in skipped[0]
+  assert skipped[1:] == [
+      f'Skipping checkpoint {directory}/3 is damaged: default/_METADATA cannot be read; '
+      f'moved it to {directory}/3.corrupt',
+      f'Skipping checkpoint {directory}/2 is damaged: it has no default/ folder; '
+      f'moved it to {directory}/2.corrupt']
+  # The resumed run saves those steps again.
+  assert checkpointer.maybe_save(2, states[2])
+  checkpointer.close()
+
+  shutil.rmtree(f'{directory}/1/default')
+  shutil.rmtree(f'{directory}/2/default')
+  checkpointer = checkpointing.Checkpointer(str(tmp_path), 1, 10)
+  with pytest.raises(FileNotFoundError, match=r'no intact checkpoint in .*: 2, 1 damaged$'):
+    checkpointer.restore(abstract_of(states[1]))
+  checkpointer.close()
+  assert sorted(os.listdir(directory)) == ['1.corrupt', '2.corrupt', '2.corrupt2', '3.corrupt',
+                                           '4.corrupt']
+
+
+def test_mismatched_checkpoint_names_every_kind_in_one_line_and_stays(tmp_path):
+  """An optimizer change (adamw -> sgd) and a width change, against real train states."""
+  adamw = tiny_config(**{'optim.name': 'adamw', 'tasks': ('depth',)})
+  stored = steps.build(adamw).abstract_state
+  directory = save_steps(str(tmp_path), {1: jax.tree.map(lambda s: np.zeros(s.shape, s.dtype),
+                                                         stored)})
+  checkpointer = checkpointing.Checkpointer(str(tmp_path), 1, 10, read_only=True)
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  for overrides, expected in [({'optim.name': 'sgd'}, r'\d+ missing \(opt_state/1/0/trace/.*'
+                                                      r'\d+ unexpected \(opt_state/0/count'),
+                              ({'model.backbone_kwargs.width': 16}, r'\d+ mis-shaped \(.* '
+                                                                    r'in the checkpoint, .* here')]:
+    abstract = steps.build(tiny_config(**{**overrides, 'tasks': ('depth',)})).abstract_state
+    with pytest.raises(ValueError, match='does not match this config') as error:
+      checkpointer.restore(checkpointing.abstract_like(abstract, jax.tree.map(lambda _: device,
+                                                                              abstract)))
+    assert '\n' not in str(error.value)
+    assert re.search(expected, str(error.value)), str(error.value)
+  checkpointer.close()
+  assert os.listdir(directory) == ['1']  # a mismatch is no damage
+
+
+def test_nonfinite_checkpoint_is_refused_in_one_line(tmp_path):
+  state = {'params': {'w': jnp.array([1.0, np.inf])}, 'step': jnp.int32(5)}
+  save_steps(str(tmp_path), {5: state})
+  checkpointer = checkpointing.Checkpointer(str(tmp_path), 1, 10, read_only=True)
+  with pytest.raises(ValueError, match=r'checkpoint .*/5 holds non-finite values in 1 arrays '
+                                       r'\(first: params/w\)'):
+    checkpointer.restore(abstract_of(state))
+  checkpointer.close()
+
+
+def diverging_config(data_dir, **overrides):
+  return tiny_config(data_dir, **{'tasks': ('depth',), 'optim.lr': 1e30,
+                                  'max_nonfinite_streak': 2, 'num_steps': 4,
+                                  'checkpoint_every': 1, 'log_every': 100, **overrides})
+
+
+@pytest.fixture(scope='module')
+def diverged(tmp_path_factory, data_dir):
+  """lr=1e30: the first update is finite garbage (parameters of 1e30) from a finite
+  loss and gradient; every update is rejected, the run stops at the streak limit."""
+  workdir = str(tmp_path_factory.mktemp('diverged'))
+  config = diverging_config(data_dir)
+  handler = signal.getsignal(signal.SIGTERM)
+  try:
+    with pytest.raises(FloatingPointError) as error:
+      train.train_and_evaluate(config, workdir)
+  finally:
+    signal.signal(signal.SIGTERM, handler)  # the run installs its preemption handler
+  return config, workdir, str(error.value)
+
+
+def test_diverged_run_stops_at_the_limit_and_saves_only_sane_state(diverged):
+  config, workdir, message = diverged
+  assert '2 consecutive non-finite steps' in message and 'up to step 2,' in message
+  assert os.listdir(os.path.join(workdir, 'checkpoints')) == ['1']  # never step 2
+  abstract = steps.build(config).abstract_state
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  reader = checkpointing.Checkpointer(workdir, 1, 10, read_only=True)
+  saved = reader.restore(checkpointing.abstract_like(abstract, jax.tree.map(lambda _: device,
+                                                                            abstract)))
+  reader.close()
+  assert int(saved.step) == 1 and int(saved.nonfinite_steps) == 1  # not applied ...
+  assert max(float(np.abs(x).max()) for x in jax.tree.leaves(saved.params)) < 100  # ... so sane
+  with open(os.path.join(workdir, workdir_lock.LOCK_FILE)) as f:
+    assert f.read() == ''  # released
+
+
+def test_busy_workdir_stops_at_once_naming_the_other_run(diverged):
+  config, workdir, _ = diverged
+  before = sorted(os.listdir(workdir))
+  with workdir_lock.acquire(workdir):
+    with pytest.raises(ValueError, match=rf'--workdir {workdir} is in use by another run \(host '
+                                         rf'.+, pid {os.getpid()}, started \d{{4}}-\d\d-\d\d [\d:]+ UTC\)'):
+      train.train_and_evaluate(config, workdir)
+  assert sorted(os.listdir(workdir)) == before
+
+
+def test_lock_of_a_killed_run_does_not_block(tmp_path):
+  holder = subprocess.Popen(
+      [sys.executable, '-c', 'import sys, time; from cmtdp_jax import workdir_lock; '
+       'workdir_lock.acquire(sys.argv[1]); print("held", flush=True); time.sleep(300)',
+       str(tmp_path)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+  try:
+    assert holder.stdout.readline().strip() == 'held'
+    with pytest.raises(ValueError, match=rf'pid {holder.pid}, started'):
+      workdir_lock.acquire(str(tmp_path))
+  finally:
+    holder.kill()
+    holder.wait()
+  assert os.path.getsize(tmp_path / workdir_lock.LOCK_FILE) > 0  # left behind by SIGKILL
+  workdir_lock.acquire(str(tmp_path)).release()
+
+
+def test_changed_config_is_logged_kept_and_refused_when_meaningless(diverged, caplog):
+  config, workdir, _ = diverged
+  with open(os.path.join(workdir, 'config.json')) as f:
+    first = f.read()
+  changed = diverging_config(config.data.data_dir, **{'optim.lr': 1e-3})
+  caplog.set_level(logging.WARNING)
+  train._check_config_change(changed, workdir, 1)
+  logged = [r.getMessage() for r in caplog.records if 'changed since' in r.getMessage()]
+  assert logged == ['config.optim.lr changed since config.json: 1e+30 -> 0.001']
+
+  train._save_config(changed, workdir, 1)  # what the resumed run keeps
+  with open(os.path.join(workdir, 'config.json')) as f:
+    assert f.read() == first
+  with open(os.path.join(workdir, 'config.1.json')) as f:
+    assert json.load(f)['optim']['lr'] == 1e-3
+  caplog.clear()
+  train._check_config_change(changed, workdir, 3)  # the run started at 1 wrote 3
+  assert not [r for r in caplog.records if 'changed since' in r.getMessage()]
+  os.remove(os.path.join(workdir, 'config.1.json'))
+
+  for field, value in [('batch_size', 16), ('data.num_train', 64),
+                       ('model.backbone_kwargs.width', 16), ('tasks', ('depth', 'sal'))]:
+    refused = diverging_config(config.data.data_dir, **{field: value})
+    with pytest.raises(ValueError, match=rf'^config.{field} changed since .*config.json .*'
+                                         'allow_config_change=True'):
+      train._check_config_change(refused, workdir, 1)
+    refused.allow_config_change = True
+    train._check_config_change(refused, workdir, 1)
+  with pytest.raises(ValueError, match=r'config.batch_size changed'):
+    train.train_and_evaluate(diverging_config(config.data.data_dir, batch_size=16), workdir)
+  assert not glob.glob(os.path.join(workdir, 'config.*.json'))
+
+
+def test_eval_without_checkpoint_is_one_line_and_creates_nothing(tmp_path):
+  workdir = tmp_path / 'never_trained'
+  proc = run_main(str(workdir), '--mode=eval', check=False)
+  assert proc.returncode != 0
+  assert 'Traceback' not in proc.stderr, proc.stderr[-3000:]
+  assert proc.stderr.strip().splitlines()[-1] == f'error: no checkpoint in {workdir}/checkpoints'
+  assert not workdir.exists()
+
+
+def test_failed_resume_closes_the_checkpointer_and_frees_the_workdir(diverged, monkeypatch):
+  """A width change: one line naming the mis-shaped arrays, and no Orbax thread
+  left running into interpreter shutdown ('Event loop is closed')."""
+  config, workdir, _ = diverged
+  closed = []
+  close = checkpointing.Checkpointer.close
+  monkeypatch.setattr(checkpointing.Checkpointer, 'close',
+                      lambda self: closed.append(self.directory) or close(self))
+  wider = diverging_config(config.data.data_dir, **{'model.backbone_kwargs.width': 16,
+                                                    'allow_config_change': True})
+  with pytest.raises(ValueError, match=r'checkpoints/1 does not match this config .*'
+                                       r'146 mis-shaped \(batch_stats/backbone/') as error:
+    train.train_and_evaluate(wider, workdir)
+  assert '\n' not in str(error.value)
+  assert closed == [os.path.join(workdir, 'checkpoints')]
+  workdir_lock.acquire(workdir).release()  # not held any more
