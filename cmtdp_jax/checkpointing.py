@@ -86,10 +86,9 @@ class Checkpointer:
       except DamagedCheckpointError as e:
         damaged.append(str(candidate))
         if self.read_only:
-          logging.warning('Skipping checkpoint %s', e)
+          logging.warning('%s; skipped it', e)
         else:
-          logging.warning('Skipping checkpoint %s; moved it to %s', e,
-                          self._move_aside(candidate))
+          logging.warning('%s; skipped it and moved it to %s', e, self._move_aside(candidate))
     if damaged:
       raise FileNotFoundError(f'no intact checkpoint in {self.directory}: '
                               f'{", ".join(damaged)} damaged')

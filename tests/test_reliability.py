@@ -59,10 +59,10 @@ def test_damaged_checkpoints_are_skipped_and_moved_aside(tmp_path, caplog):
   assert len(skipped) == 3 and all('\n' not in line for line in skipped), skipped
   assert f'{directory}/4 is damaged: ' in skipped[0] and '4.corrupt' in skipped[0]
   assert skipped[1:] == [
-      f'Skipping checkpoint {directory}/3 is damaged: default/_METADATA cannot be read; '
-      f'moved it to {directory}/3.corrupt',
-      f'Skipping checkpoint {directory}/2 is damaged: it has no default/ folder; '
-      f'moved it to {directory}/2.corrupt']
+      f'{directory}/3 is damaged: default/_METADATA cannot be read; '
+      f'skipped it and moved it to {directory}/3.corrupt',
+      f'{directory}/2 is damaged: it has no default/ folder; '
+      f'skipped it and moved it to {directory}/2.corrupt']
   # The resumed run saves those steps again.
   assert checkpointer.maybe_save(2, states[2])
   checkpointer.close()
