@@ -69,6 +69,11 @@ def test_study_runs_the_grid_then_extras_at_the_best_weight_and_resumes(tmp_path
   calls.clear()
   assert ablation.run_study(*args)['cells'] == summary['cells']
   assert calls == []  # every result file was there
+  for path in results.glob('n50_w*_seed2.json'):
+    path.unlink()
+  partial = ablation.run_study(*args, train_missing=False)
+  assert calls == [] and partial['cells']['n50_w3']['seeds'] == [0, 1]
+  assert '19 of 24 planned runs finished' in (results / 'study.md').read_text()
 
 
 def test_paired_interval_is_the_t_interval_of_per_seed_differences():

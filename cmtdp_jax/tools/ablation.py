@@ -22,7 +22,7 @@ task's primary metric, delta_m against lambda 0 with a paired 95% confidence int
 seeds, the regularizer's loss share), `study.json` and `delta_m.png`, and the same three files
 into `results_dir`. `--analyze` also measures the paper's Figure 1 premise on seed 0 of the
 lambda-0 and the best-lambda model of the largest training set, side by side in
-`consistency.png`.
+`consistency.png`. `--summarize_only` writes the same files from the runs finished so far.
 """
 
 from __future__ import annotations
@@ -55,6 +55,7 @@ flags.DEFINE_list('extras', ['hard', 'categorical_sources', 'continuous_sources'
                   'Variants run at the best weight of the largest training set.')
 flags.DEFINE_list('more_seeds', [], 'Seeds added where a paired difference is < 2 SE.')
 flags.DEFINE_bool('analyze', True, 'Figure 1 premise: lambda 0 vs the best lambda.')
+flags.DEFINE_bool('summarize_only', False, 'Summarize the finished runs, train nothing.')
 flags.mark_flags_as_required(['config', 'workdir'])
 
 CONTINUOUS_KINDS = (tasks_lib.DEPTH, tasks_lib.NORMALS)
@@ -109,13 +110,17 @@ class Interrupted(Exception):
   """A run returned before its last step (preemption): nothing is recorded for it."""
 
 
-def run_cell(config, workdir, results_dir, train_size, weight, extra, seed) -> dict:
-  """The result record of one run, training it unless its result file exists."""
+def run_cell(config, workdir, results_dir, train_size, weight, extra, seed,
+             train_missing: bool = True) -> dict | None:
+  """The result record of one run, training it unless its result file exists
+  (or returning None for a missing one, without `train_missing`)."""
   name = f'{cell_name(train_size, weight, extra)}_seed{seed}'
   result_path = os.path.join(results_dir, f'{name}.json')
   if os.path.exists(result_path):
     with open(result_path) as f:
       return json.load(f)
+  if not train_missing:
+    return None
   run_config = cell_config(config, train_size, weight, extra, seed)
   run_dir = os.path.join(workdir, name)
   start = time.time()
@@ -254,14 +259,17 @@ def best_weight(summaries: dict, train_size: int) -> float | None:
 
 
 def run_study(config, workdir: str, results_dir: str, weights, train_sizes, seeds, extras,
-              more_seeds, analyze: bool) -> dict:
+              more_seeds, analyze: bool, train_missing: bool = True) -> dict:
+  """Runs (or, without `train_missing`, only summarizes) the study; returns the summary."""
   tasks = tuple(config.tasks)
   runs = {}
 
   def run(train_size, weight, extra, cell_seeds):
     for seed in cell_seeds:
-      record = run_cell(config, workdir, results_dir, train_size, weight, extra, seed)
-      runs.setdefault((train_size, weight, extra), {})[seed] = record
+      record = run_cell(config, workdir, results_dir, train_size, weight, extra, seed,
+                        train_missing)
+      if record is not None:
+        runs.setdefault((train_size, weight, extra), {})[seed] = record
 
   def summaries():
     out = {}
@@ -277,7 +285,7 @@ def run_study(config, workdir: str, results_dir: str, weights, train_sizes, seed
     for train_size in train_sizes:
       for weight in weights:
         run(train_size, weight, '', [seed])
-  for name, s in summaries().items():
+  for s in summaries().values():
     d = s['delta_m']
     if more_seeds and d and d['se'] is not None and abs(d['mean']) < 2 * d['se']:
       run(s['train_size'], 0.0, '', more_seeds)
@@ -291,9 +299,11 @@ def run_study(config, workdir: str, results_dir: str, weights, train_sizes, seed
   final = summaries()
   table = markdown_table(final, tasks)
   wall = sum(r['wall_seconds'] for by_seed in runs.values() for r in by_seed.values())
+  planned = len(weights) * len(train_sizes) * len(seeds) + len(extras) * len(seeds)
+  finished = sum(len(by_seed) for by_seed in runs.values())
   header = (f'{config.num_steps} steps per run, seeds {",".join(map(str, seeds))}; '
-            f'best lambda of {largest} scenes: {best}; {wall / 3600:.2f} h of training and '
-            'evaluation in all')
+            f'best lambda of {largest} scenes: {best}; {finished} of {planned} planned runs '
+            f'finished, {wall / 3600:.2f} h of training and evaluation')
   summary = {'design': {'weights': weights, 'train_sizes': train_sizes, 'seeds': seeds,
                         'extras': extras, 'more_seeds': more_seeds,
                         'num_steps': config.num_steps},
@@ -306,7 +316,9 @@ def run_study(config, workdir: str, results_dir: str, weights, train_sizes, seed
       json.dump(summary, f, indent=2, sort_keys=True)
     plot_delta_m(final, os.path.join(folder, 'delta_m.png'))
   print(f'\n{header}\n{table}', flush=True)
-  if analyze and best is not None:
+  if analyze and best is not None and all(
+      os.path.isdir(os.path.join(workdir, f'{cell_name(largest, w)}_seed{seeds[0]}'))
+      for w in (0.0, best)):
     _analyze_premise(config, workdir, results_dir, largest, best, seeds[0])
   return summary
 
@@ -339,7 +351,8 @@ def _run_from_flags():
   run_study(FLAGS.config, FLAGS.workdir, FLAGS.results_dir or FLAGS.workdir,
             [float(w) for w in FLAGS.weights], [int(n) for n in FLAGS.train_sizes],
             [int(s) for s in FLAGS.seeds], list(FLAGS.extras),
-            [int(s) for s in FLAGS.more_seeds], FLAGS.analyze)
+            [int(s) for s in FLAGS.more_seeds], FLAGS.analyze,
+            train_missing=not FLAGS.summarize_only)
 
 
 if __name__ == '__main__':
