@@ -6,7 +6,7 @@ import jax
 import numpy as np
 import pytest
 
-from cmtdp_jax import sharding, steps, train
+from cmtdp_jax import sharding, train
 from tests.conftest import tiny_config
 from tests.test_cli import assert_same_params, run_main, start_main
 from tests.test_train_step import run_steps
