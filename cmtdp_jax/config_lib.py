@@ -183,6 +183,9 @@ def validate(config, num_devices: int) -> None:
       raise ValueError(f'config.data.{name}={config.data[name]} must be >= 0')
   if config.num_steps <= 0:
     raise ValueError(f'config.num_steps={config.num_steps} must be positive')
+  if config.max_nonfinite_streak <= 0:  # 0 would freeze the state before the first step
+    raise ValueError(f'config.max_nonfinite_streak={config.max_nonfinite_streak} must be '
+                     'positive')
   height, width = config.data.crop_size
   if height < 32 or width < 32:
     raise ValueError(f'config.data.crop_size {tuple(config.data.crop_size)} is smaller '

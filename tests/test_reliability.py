@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cmtdp_jax import checkpointing, steps, train, workdir_lock
+from cmtdp_jax import checkpointing, config_lib, steps, train, workdir_lock
 from tests.conftest import tiny_config
 from tests.test_cli import ROOT, run_main
 
@@ -113,6 +113,11 @@ def diverging_config(data_dir, **overrides):
   return tiny_config(data_dir, **{'tasks': ('depth',), 'optim.lr': 1e30,
                                   'max_nonfinite_streak': 2, 'num_steps': 4,
                                   'checkpoint_every': 1, 'log_every': 100, **overrides})
+
+
+def test_streak_limit_must_be_positive():
+  with pytest.raises(ValueError, match=r'^config.max_nonfinite_streak=0 must be positive$'):
+    config_lib.validate(tiny_config(max_nonfinite_streak=0), 8)
 
 
 @pytest.fixture(scope='module')
