@@ -82,13 +82,18 @@ class Checkpointer:
     damaged = []
     for candidate in sorted(self.manager.all_steps(), reverse=True):
       try:
-        return self._restore_step(abstract_state, candidate)
+        state, damage = self._restore_step(abstract_state, candidate), None
       except DamagedCheckpointError as e:
-        damaged.append(str(candidate))
-        if self.read_only:
-          logging.warning('%s; skipped it', e)
-        else:
-          logging.warning('%s; skipped it and moved it to %s', e, self._move_aside(candidate))
+        state, damage = None, e
+      # Each process reads its own shards: all skip a checkpoint damaged for any.
+      if not _on_any_process(damage is not None):
+        return state
+      damage = damage or f'{self.directory}/{candidate} is damaged on another process'
+      damaged.append(str(candidate))
+      if self.read_only:
+        logging.warning('%s; skipped it', damage)
+      else:
+        logging.warning('%s; skipped it and moved it to %s', damage, self._move_aside(candidate))
     if damaged:
       raise FileNotFoundError(f'no intact checkpoint in {self.directory}: '
                               f'{", ".join(damaged)} damaged')
@@ -166,18 +171,22 @@ def describe_mismatch(stored_tree, abstract_state, limit: int = 3) -> str:
   return ', '.join(parts)
 
 
+def _on_any_process(flag: bool) -> bool:
+  if jax.process_count() == 1:
+    return flag
+  return bool(np.max(multihost_utils.process_allgather(np.int32(flag))))
+
+
 def nonfinite_arrays(state) -> list[str]:
   """Paths of the floating arrays of `state` with a NaN or inf, checked on the
   host-local shards and agreed between processes."""
   found = []
   for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:
-    if np.issubdtype(leaf.dtype, np.inexact) and not all(np.isfinite(np.asarray(shard.data)).all()
-                                     for shard in leaf.addressable_shards):
+    if np.issubdtype(leaf.dtype, np.inexact) and not all(
+        np.isfinite(np.asarray(shard.data)).all() for shard in leaf.addressable_shards):
       found.append(jax.tree_util.keystr(path, simple=True, separator='/'))
-  if jax.process_count() > 1:
-    counts = multihost_utils.process_allgather(np.int32(len(found)))
-    if np.max(counts) and not found:
-      found = ['(on another process)']
+  if _on_any_process(bool(found)) and not found:
+    found = ['(on another process)']
   return found
 
 
