@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -131,3 +133,13 @@ def test_a_preempted_run_is_not_recorded(tmp_path, monkeypatch, config):
     ablation.run_study(config, str(tmp_path / 'w'), str(tmp_path / 'r'), [0.0], [10], [0], [],
                        [], False)
   assert not (tmp_path / 'r').exists()
+
+
+def test_importing_the_tool_defines_no_flags():
+  """benchmark.py and the CLI define --config too; the tool's flags exist only when it runs."""
+  from absl import flags  # pylint: disable=import-outside-toplevel
+  from cmtdp_jax import benchmark  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
+  assert 'summarize_only' not in flags.FLAGS
+  done = subprocess.run([sys.executable, '-m', 'cmtdp_jax.tools.ablation', '--help'],
+                        capture_output=True, text=True, timeout=120)
+  assert '--[no]summarize_only' in done.stdout, done.stderr[-2000:]

@@ -44,19 +44,26 @@ from cmtdp_jax import tasks as tasks_lib
 from cmtdp_jax import train
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file('config', None, 'Config file (optionally file.py:variant).',
-                                lock_config=False)
-flags.DEFINE_string('workdir', None, 'Directory for all runs and the summary.')
-flags.DEFINE_string('results_dir', '', "Per-run result files and the summary ('' = workdir).")
-flags.DEFINE_list('weights', ['0', '0.3', '1', '3'], 'Regularizer weights; 0 = regularizer off.')
-flags.DEFINE_list('train_sizes', ['200', '1000'], 'config.data.num_train values.')
-flags.DEFINE_list('seeds', ['0', '1', '2'], 'Training seeds, the same in every cell.')
-flags.DEFINE_list('extras', ['hard', 'categorical_sources', 'continuous_sources'],
-                  'Variants run at the best weight of the largest training set.')
-flags.DEFINE_list('more_seeds', [], 'Seeds added where a paired difference is < 2 SE.')
-flags.DEFINE_bool('analyze', True, 'Figure 1 premise: lambda 0 vs the best lambda.')
-flags.DEFINE_bool('summarize_only', False, 'Summarize the finished runs, train nothing.')
-flags.mark_flags_as_required(['config', 'workdir'])
+
+
+def define_flags():
+  """The command's flags; defined when it runs, so that importing this module (tests, other
+  tools) does not claim flag names such as --config."""
+  config_flags.DEFINE_config_file('config', None, 'Config file (optionally file.py:variant).',
+                                  lock_config=False)
+  flags.DEFINE_string('workdir', None, 'Directory for all runs and the summary.')
+  flags.DEFINE_string('results_dir', '', "Per-run result files and the summary ('' = workdir).")
+  flags.DEFINE_list('weights', ['0', '0.3', '1', '3'],
+                    'Regularizer weights; 0 = regularizer off.')
+  flags.DEFINE_list('train_sizes', ['200', '1000'], 'config.data.num_train values.')
+  flags.DEFINE_list('seeds', ['0', '1', '2'], 'Training seeds, the same in every cell.')
+  flags.DEFINE_list('extras', ['hard', 'categorical_sources', 'continuous_sources'],
+                    'Variants run at the best weight of the largest training set.')
+  flags.DEFINE_list('more_seeds', [], 'Seeds added where a paired difference is < 2 SE.')
+  flags.DEFINE_bool('analyze', True, 'Figure 1 premise: lambda 0 vs the best lambda.')
+  flags.DEFINE_bool('summarize_only', False, 'Summarize the finished runs, train nothing.')
+  flags.mark_flags_as_required(['config', 'workdir'])
+
 
 CONTINUOUS_KINDS = (tasks_lib.DEPTH, tasks_lib.NORMALS)
 
@@ -356,4 +363,5 @@ def _run_from_flags():
 
 
 if __name__ == '__main__':
+  define_flags()
   app.run(main)
