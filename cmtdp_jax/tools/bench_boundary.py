@@ -143,8 +143,10 @@ def _run(maps, evaluate):
   """
   totals, counts = {}, []
   start, wall = time.process_time(), time.perf_counter()
-  for prob_u8, label in maps:
+  for index, (prob_u8, label) in enumerate(maps):
     counts.append(evaluate(prob_u8, label, totals))
+    print(f'  image {index + 1}/{len(maps)}: {time.process_time() - start:.1f} CPU s',
+          file=sys.stderr, flush=True)
   seconds = time.process_time() - start
   totals['wall'] = time.perf_counter() - wall
   return np.stack(counts), totals, seconds
