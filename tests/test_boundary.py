@@ -263,8 +263,11 @@ def test_pyedgeeval_ap_matches_pyedgeeval(monkeypatch):
   samples = [{'name': str(i), 'counts': tuple(c)} for i, c in enumerate(per_image)]
   _, _, overall = calculate(lambda sample: sample['counts'], thresholds.tolist(), samples,
                             nproc=1)
+  metric = evaluation.make_metric('edge', thresholds=thresholds, ap='pyedgeeval')
+  for counts in per_image:
+    metric._add(counts)  # pylint: disable=protected-access
+  assert metric.result()['edge/AP'] == pytest.approx(100 * overall['AP'])
   precision, recall, _ = boundary.precision_recall_f(per_image.sum(0))
-  assert boundary.pyedgeeval_average_precision(precision, recall) == pytest.approx(overall['AP'])
   seism_ap = boundary.average_precision(precision, recall)
   assert seism_ap != pytest.approx(overall['AP'], abs=0.005)  # the definitions differ
 

@@ -350,7 +350,11 @@ def average_precision(precision: np.ndarray, recall: np.ndarray) -> float:
 
 def pyedgeeval_average_precision(precision: np.ndarray, recall: np.ndarray) -> float:
   """pyEdgeEval's AP (calculate_metrics.py): at recall r = 0, 0.01, .., 0.99 the
-  best precision among thresholds with recall >= r, summed and divided by 101."""
+  best precision among thresholds with recall >= r, summed and divided by 101.
+
+  Applied to SEISM's precision and recall, where an empty map has precision 1
+  (pyEdgeEval: 0); that can only raise the value at r = 0.
+  """
   return float(sum(np.max(precision[recall >= r], initial=0.0)
                    for r in np.arange(0.0, 1.0, 0.01)) / 101.0)
 
