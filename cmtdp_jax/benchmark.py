@@ -528,21 +528,26 @@ def format_report(results) -> str:
 
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file('config', None, 'Config file (optionally file.py:variant).',
-                                lock_config=True)
-flags.DEFINE_integer('steps', 10, 'Timed train / predict steps (and pipeline batches).')
-flags.DEFINE_integer('warmup', 2, 'Untimed steps after the compiling first call.')
-flags.DEFINE_string('json', None, 'Where to write the results as JSON.')
-flags.DEFINE_bool('pipeline', True, 'Time the tf.data train pipeline (needs TensorFlow).')
-flags.DEFINE_bool('evaluation', True, 'Time the evaluation metrics, odsF included.')
-flags.DEFINE_integer('eval_images', 16, 'Images for the evaluation metrics.')
-flags.DEFINE_integer('edge_workers', 0,
-                     'Threads of the odsF evaluation (0: the metric default, in-process).')
-flags.DEFINE_bool('compare_torch', False, 'Also time the PyTorch reference model (run from '
-                  'the repository root).')
-flags.DEFINE_string('profile_dir', None, 'Record the timed steps with jax.profiler into this '
-                    'folder (view with `xprof --logdir DIR` or TensorBoard\'s profile plugin).')
-flags.mark_flags_as_required(['config'])
+
+
+def define_flags():
+  """The command's flags; defined when it runs, so that importing this module (tests, the
+  notebook) next to the CLI does not define --config twice."""
+  config_flags.DEFINE_config_file('config', None, 'Config file (optionally file.py:variant).',
+                                  lock_config=True)
+  flags.DEFINE_integer('steps', 10, 'Timed train / predict steps (and pipeline batches).')
+  flags.DEFINE_integer('warmup', 2, 'Untimed steps after the compiling first call.')
+  flags.DEFINE_string('json', None, 'Where to write the results as JSON.')
+  flags.DEFINE_bool('pipeline', True, 'Time the tf.data train pipeline (needs TensorFlow).')
+  flags.DEFINE_bool('evaluation', True, 'Time the evaluation metrics, odsF included.')
+  flags.DEFINE_integer('eval_images', 16, 'Images for the evaluation metrics.')
+  flags.DEFINE_integer('edge_workers', 0,
+                       'Threads of the odsF evaluation (0: the metric default, in-process).')
+  flags.DEFINE_bool('compare_torch', False, 'Also time the PyTorch reference model (run from '
+                    'the repository root).')
+  flags.DEFINE_string('profile_dir', None, 'Record the timed steps with jax.profiler into this '
+                      'folder (view with `xprof --logdir DIR` or TensorBoard\'s profile plugin).')
+  flags.mark_flags_as_required(['config'])
 
 
 def main(argv):
@@ -565,4 +570,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  define_flags()
   app.run(main)

@@ -146,13 +146,14 @@ def test_prepare_dataset_failure_is_reported(tmp_path, capsys):
 
 
 def test_plot_predictions_draws_every_task():
+  from cmtdp_jax.evaluation import visualize  # pylint: disable=import-outside-toplevel
   import matplotlib  # pylint: disable=import-outside-toplevel
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
   rng = np.random.default_rng(0)
   n, h, w = 2, 8, 10
   image = rng.normal(size=(n, h, w, 3)).astype(np.float32)
-  image[:, 6:] = 0  # eval padding
+  image[:, :1] = image[:, 7:] = 0  # eval padding, centred
   labels = {
       'semseg': rng.integers(0, 5, (n, h, w)).astype(np.int32),
       'depth': rng.uniform(0, 3, (n, h, w)).astype(np.float32),
@@ -166,12 +167,15 @@ def test_plot_predictions_draws_every_task():
       'edge': rng.random((n, h, w)).astype(np.float32)}}
   predictions['+contrastive'] = predictions['baseline']
   size = np.array([[6, w]] * n)  # the eval batches' original sizes
-  figures = notebook_utils.plot_predictions(dict(labels, image=image, size=size), predictions,
-                                            tuple(labels), num=5)
+  offset = np.array([[1, 0]] * n)  # and where they start
+  figures = notebook_utils.plot_predictions(dict(labels, image=image, size=size, offset=offset),
+                                            predictions, tuple(labels), num=5)
   assert len(figures) == n
   axes = figures[0].axes
   assert len(axes) == len(labels) * 4
   assert axes[1].images[0].get_array().shape == (6, w, 3)  # padding cropped
+  np.testing.assert_array_equal(axes[0].images[0].get_array(),
+                                visualize.denormalize(image[0, 1:7]))
   plt.close('all')
 
 

@@ -24,10 +24,14 @@ from cmtdp_jax.data import pascal_context
 from cmtdp_jax.tools import bench_boundary
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string('src', '', "PASCAL_MT folder ('' = sample photographs)")
-flags.DEFINE_string('split', 'val', 'ImageSets/Context list to read with --src.')
-flags.DEFINE_integer('images', 200, 'Label maps to compare with --src.')
-flags.DEFINE_float('max_dist', 0.0075, 'Match tolerance (fraction of the diagonal).')
+
+
+def define_flags():
+  """Defined when the command runs, so that importing this module defines no flags."""
+  flags.DEFINE_string('src', '', "PASCAL_MT folder ('' = sample photographs)")
+  flags.DEFINE_string('split', 'val', 'ImageSets/Context list to read with --src.')
+  flags.DEFINE_integer('images', 200, 'Label maps to compare with --src.')
+  flags.DEFINE_float('max_dist', 0.0075, 'Match tolerance (fraction of the diagonal).')
 
 def sample_label_maps():
   """Region label maps of the sample photographs of the boundary benchmark."""
@@ -78,4 +82,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  define_flags()
   app.run(main)
