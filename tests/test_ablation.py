@@ -61,6 +61,8 @@ def test_study_runs_the_grid_then_extras_at_the_best_weight_and_resumes(tmp_path
   expected = ((40 * 1.03) / 40 - 1 + (1 - 1 / 1.03)) / 2 * 100
   assert cell['delta_m']['mean'] == pytest.approx(expected, rel=1e-6)
   assert cell['regularizer_share'] == pytest.approx(1.5)
+  mious = [(40.0 + offset) * 1.03 for offset in (0.0, 3.0, -2.0)]
+  assert cell['metrics']['semseg/mIoU'] == pytest.approx((np.mean(mious), np.std(mious, ddof=1)))
   assert summary['cells']['n50_w0']['delta_m'] is None
   record = json.loads((results / 'n20_w1_seed2.json').read_text())
   assert record['metrics']['semseg/mIoU'] == pytest.approx(38.0 * 1.01)
@@ -73,7 +75,12 @@ def test_study_runs_the_grid_then_extras_at_the_best_weight_and_resumes(tmp_path
     path.unlink()
   partial = ablation.run_study(*args, train_missing=False)
   assert calls == [] and partial['cells']['n50_w3']['seeds'] == [0, 1]
-  assert '19 of 24 planned runs finished' in (results / 'study.md').read_text()
+  for path in results.glob('n50_w3_seed1.json'):
+    path.unlink()
+  one_seed = ablation.run_study(*args, train_missing=False)['cells']['n50_w3']
+  assert one_seed['metrics']['semseg/mIoU'] == (pytest.approx(40.0 * 1.03), None)
+  assert '| n50_w3 | 1 | 41.200 | 0.971 |' in (results / 'study.md').read_text()
+  assert 'so far: 3.0; 18 of 24 planned runs finished' in (results / 'study.md').read_text()
 
 
 def test_paired_interval_is_the_t_interval_of_per_seed_differences():

@@ -180,9 +180,10 @@ def paired_delta_m(runs, reference, tasks) -> dict:
 def summarize_cell(runs, reference, tasks) -> dict:
   """Mean +- std of the primary metrics; delta_m against `reference` (None: this is it)."""
   primary = {t: evaluation.PRIMARY_METRICS[t] for t in tasks if t in evaluation.PRIMARY_METRICS}
-  metrics = {key: (float(np.mean([r['metrics'][key] for r in runs])),
-                   float(np.std([r['metrics'][key] for r in runs])))
-             for key in primary.values()}
+  values = {key: [r['metrics'][key] for r in runs] for key in primary.values()}
+  # Sample standard deviation over seeds (None for one seed).
+  metrics = {key: (float(np.mean(v)), float(np.std(v, ddof=1)) if len(v) > 1 else None)
+             for key, v in values.items()}
   shares = [r['regularizer_share'] for r in runs if r.get('regularizer_share') is not None]
   return {'seeds': sorted(r['seed'] for r in runs), 'metrics': metrics,
           'delta_m': None if reference is None else paired_delta_m(runs, reference, tasks),
@@ -194,7 +195,8 @@ def markdown_table(summaries: dict, tasks) -> str:
   header = ['cell', 'seeds'] + keys + ['delta_m % (95% CI)', 'reg. share']
   lines = ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
   for name, s in summaries.items():
-    cells = [f'{s["metrics"][k][0]:.3f} ± {s["metrics"][k][1]:.3f}' for k in keys]
+    cells = [f'{mean:.3f}' if std is None else f'{mean:.3f} ± {std:.3f}'
+             for mean, std in (s['metrics'][k] for k in keys)]
     d = s['delta_m']
     if d is None:
       delta = 'reference'
@@ -308,9 +310,11 @@ def run_study(config, workdir: str, results_dir: str, weights, train_sizes, seed
   wall = sum(r['wall_seconds'] for by_seed in runs.values() for r in by_seed.values())
   planned = len(weights) * len(train_sizes) * len(seeds) + len(extras) * len(seeds)
   finished = sum(len(by_seed) for by_seed in runs.values())
+  so_far = ' so far' if finished < planned else ''
   header = (f'{config.num_steps} steps per run, seeds {",".join(map(str, seeds))}; '
-            f'best lambda of {largest} scenes: {best}; {finished} of {planned} planned runs '
-            f'finished, {wall / 3600:.2f} h of training and evaluation')
+            f'best lambda of {largest} scenes{so_far}: {best}; {finished} of {planned} planned '
+            f'runs finished, {wall / 3600:.2f} h of training and evaluation; mean ± sample std '
+            'over seeds')
   summary = {'design': {'weights': weights, 'train_sizes': train_sizes, 'seeds': seeds,
                         'extras': extras, 'more_seeds': more_seeds,
                         'num_steps': config.num_steps},
