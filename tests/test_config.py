@@ -35,7 +35,8 @@ def test_defaults_for_untrained_tasks_are_ignored_with_a_note(caplog):
   config = config_lib.base_config()
   config.tasks = ('semseg', 'depth')
   config.loss_weights.normals = 2.0
-  with caplog.at_level('INFO'):
+  # The absl logger's own level: parsing the CLI's flags in-process (test_cli) sets it to WARNING.
+  with caplog.at_level('INFO', logger='absl'):
     config_lib.validate(config, 4)
   notes = [r.getMessage() for r in caplog.records]
   assert any("config.loss_options.edge is ignored: 'edge' is not in config.tasks" in n
