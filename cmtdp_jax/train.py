@@ -207,7 +207,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
         if is_log_step or preempted or evaluating or checkpointer.due(step):
           # The state stops changing at the streak limit (steps.train_step): stop the
           # run before that state is logged, saved or evaluated as if still training.
-          _check_divergence(jax.device_get(pending), step, config.max_nonfinite_streak)
+          pending = jax.device_get(pending)  # once: later fetches skip what is on the host
+          _check_divergence(pending, step, config.max_nonfinite_streak)
         if is_log_step:
           averaged = _mean_metrics(pending)
           pending = []
@@ -345,9 +346,9 @@ def _evaluate_and_write(config, workdir, model, state, eval_source, mesh, step, 
   return results
 
 
-def _mean_metrics(pending):
-  stacked = jax.device_get(pending)
-  return {k: float(np.mean([m[k] for m in stacked])) for k in stacked[0]}
+def _mean_metrics(fetched):
+  """Means of the host copies of the steps' metrics since the last log."""
+  return {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
 
 
 def _log_progress(step, total, metrics, images_per_second, batch_size, writer):
