@@ -161,6 +161,18 @@ def test_two_runs_preparing_one_dataset_share_the_first_ones_result(
   assert '\r' not in out
 
 
+def test_unwritable_data_dir_stops_with_one_line_naming_it(tmp_path):
+  """A data dir that cannot be created (here: below a file) is named in one line
+  with the setting to change, instead of a traceback from the preparation lock."""
+  (tmp_path / 'file').write_text('')
+  config = _data_config(tmp_path, 'synthetic')
+  config.data_dir = str(tmp_path / 'file' / 'tfds')
+  config.image_size, config.num_train, config.num_eval = (32, 32), 4, 2
+  with pytest.raises(ValueError, match=r'data dir .*file/tfds is not writable .*'
+                                       r'--config.data.data_dir \(or TFDS_DATA_DIR\)'):
+    synthetic.make_builder(config)
+
+
 def test_unprepared_dataset_error_names_the_prepare_command(tmp_path):
   with pytest.raises(folder_io.FolderError,
                      match='python -m cmtdp_jax.data.prepare --dataset nyud --src DIR'):

@@ -55,9 +55,15 @@ def _exclusive(builder):
   if '://' in root:
     yield
     return
-  os.makedirs(root, exist_ok=True)
   path = os.path.join(root, f'.{builder.info.full_name.replace("/", "-")}.lock')
-  with open(path, 'a') as lock:
+  try:
+    os.makedirs(root, exist_ok=True)
+    lock = open(path, 'a')
+  except OSError as e:
+    raise ValueError(f'data dir {root} is not writable ({e.strerror}), so {builder.info.full_name} '
+                     'cannot be prepared there: set --config.data.data_dir (or TFDS_DATA_DIR) '
+                     'to a writable folder') from e
+  with lock:
     try:
       fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
