@@ -99,17 +99,22 @@ def _save_config(config, workdir, start_step):
   (epath.Path(workdir) / name).write_text(config.to_json_best_effort(indent=2))
 
 
+def _writer_config(workdir, checkpoint_step) -> epath.Path | None:
+  """The config file of the run that wrote `checkpoint_step` (the last start before it)."""
+  earlier = {start: path for start, path in _config_files(workdir).items()
+             if start < checkpoint_step}
+  return earlier[max(earlier)] if earlier else None
+
+
 def _check_config_change(config, workdir, checkpoint_step):
   """Logs every field changed since the run that wrote `checkpoint_step`, one
   line each; refuses those that make the resumed run another experiment
   (`config_lib.RESUME_FIXED`) unless `config.allow_config_change`."""
-  earlier = {start: path for start, path in _config_files(workdir).items()
-             if start < checkpoint_step}
-  if not earlier:
+  path = _writer_config(workdir, checkpoint_step)
+  if path is None:
     logging.warning('No config.json of the run that wrote checkpoint %d: cannot tell which '
                     'fields changed', checkpoint_step)
     return
-  path = earlier[max(earlier)]
   try:
     previous = json.loads(path.read_text())
   except ValueError as e:
@@ -165,10 +170,14 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
   try:
     checkpointer = checkpointing.Checkpointer(workdir, config.checkpoint_every,
                                               config.keep_checkpoints)
-    if checkpointer.latest_step() is not None:
-      _check_config_change(config, workdir, checkpointer.latest_step())
+    latest = checkpointer.latest_step()
+    if latest is not None:  # before the restore, which fails less clearly on a width change
+      _check_config_change(config, workdir, latest)
     state = _create_state(config, init, abstract, state_sharding, checkpointer)
     start_step = int(state.step)
+    if latest is not None and _writer_config(workdir, start_step) != _writer_config(
+        workdir, latest):  # damaged checkpoints skipped back into an earlier run's
+      _check_config_change(config, workdir, start_step)
     if is_chief:
       _save_config(config, workdir, start_step)
       writer = tensorboard.SummaryWriter(workdir)

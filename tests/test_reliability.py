@@ -210,6 +210,23 @@ def test_changed_config_is_logged_kept_and_refused_when_meaningless(diverged, ca
   assert not glob.glob(os.path.join(workdir, 'config.*.json'))
 
 
+def test_config_change_is_checked_against_the_run_of_the_checkpoint_resumed(diverged, tmp_path):
+  """Checkpoint 3 (written by a run started at 2 with batch 16) is damaged, so the resume
+  falls back to checkpoint 1, written by the first run (batch 8): batch 16 is a change."""
+  config, original, _ = diverged
+  workdir = str(tmp_path / 'run')
+  shutil.copytree(original, workdir)
+  checkpoints = os.path.join(workdir, 'checkpoints')
+  shutil.copytree(os.path.join(checkpoints, '1'), os.path.join(checkpoints, '3'))
+  shutil.rmtree(os.path.join(checkpoints, '3', 'default'))
+  batch16 = diverging_config(config.data.data_dir, batch_size=16)
+  train._save_config(batch16, workdir, 2)
+  with pytest.raises(ValueError, match=r'^config.batch_size changed since .*/config.json \(the '
+                                       r'run that wrote checkpoint 1\)'):
+    train.train_and_evaluate(batch16, workdir)
+  assert sorted(os.listdir(checkpoints)) == ['1', '3.corrupt']
+
+
 def test_eval_without_checkpoint_is_one_line_and_creates_nothing(tmp_path):
   workdir = tmp_path / 'never_trained'
   proc = run_main(str(workdir), '--mode=eval', check=False)
