@@ -19,7 +19,6 @@ d(a, p) < d(a, n)).
 from __future__ import annotations
 
 import functools
-import json
 import os
 
 import jax
@@ -31,6 +30,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from cmtdp_jax import contrastive
+from cmtdp_jax import evaluation
 from cmtdp_jax import sharding
 from cmtdp_jax import tasks as tasks_lib
 from cmtdp_jax import train
@@ -172,8 +172,7 @@ def analyze(config, workdir: str, step: int | None = None) -> dict:
     folder = os.path.join(workdir, 'analysis')
     plot_histograms(distances, os.path.join(folder, f'step_{step}.png'),
                     f'Triplet distances at step {step}: {features}', config.analysis.bins)
-    with open(os.path.join(folder, f'step_{step}.json'), 'w') as f:
-      json.dump(results, f, indent=2)
+    evaluation.write_results(os.path.join(folder, f'step_{step}.json'), results, indent=2)
     print(f'\nCross-task consistency at step {step} ({features}):\n{format_table(results)}',
           flush=True)
   return results

@@ -348,8 +348,8 @@ def _evaluate_and_write(config, workdir, model, state, eval_source, mesh, step, 
   logging.info('Evaluated step %d in %.1fs', step, time.time() - start)
   if jax.process_index() == 0:
     os.makedirs(os.path.join(workdir, 'eval'), exist_ok=True)
-    with open(os.path.join(workdir, 'eval', f'step_{step}.json'), 'w') as f:
-      json.dump(results, f, indent=2, sort_keys=True)
+    evaluation.write_results(os.path.join(workdir, 'eval', f'step_{step}.json'), results,
+                             indent=2, sort_keys=True)
     print(f'\nEvaluation at step {step}:\n{evaluation.format_table(results)}', flush=True)
     _write_scalars(writer, step, results, 'eval')
   return results

@@ -92,3 +92,16 @@ def test_format_table_aligns_columns():
 def test_format_table_prints_image_counts_as_integers():
   table = evaluation.format_table({'edge/odsF': 70.5, 'edge/images': 2498.0})
   assert table.splitlines()[2].split() == ['edge', 'images', '2498']
+
+
+def test_results_are_written_whole_or_not_at_all(tmp_path):
+  """A write that fails half-way (here: a value JSON cannot hold, after the first key)
+  keeps the previous file and leaves no partial one beside it."""
+  path = str(tmp_path / 'step_3.json')
+  evaluation.write_results(path, {'depth/rmse': 0.5})
+  with pytest.raises(TypeError):
+    evaluation.write_results(path, {'a/first': 1.0, 'b/second': object()}, sort_keys=True)
+  with open(path) as f:
+    assert json.load(f) == {'depth/rmse': 0.5}
+  assert os.listdir(tmp_path) == ['step_3.json']
+  assert evaluation.load_single_task_results(str(tmp_path / 'step_3.json')) == {'depth/rmse': 0.5}

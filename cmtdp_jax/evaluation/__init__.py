@@ -27,6 +27,7 @@ from cmtdp_jax.evaluation.report import format_table
 from cmtdp_jax.evaluation.report import load_single_task_results
 from cmtdp_jax.evaluation.report import LOWER_IS_BETTER
 from cmtdp_jax.evaluation.report import PRIMARY_METRICS
+from cmtdp_jax.evaluation.report import write_results
 
 METRICS = {
     'semseg': functools.partial(SegmentationMetric, 'semseg', num_classes=40),

@@ -85,6 +85,20 @@ def delta_m(multi_task: Mapping[str, float], single_task: Mapping[str, float] | 
   return DeltaM(value, tuple(rows), tuple(missing))
 
 
+def write_results(path: str, results: Mapping, **dump_options) -> None:
+  """Writes `results` as JSON to `path` whole or not at all: a run killed while
+  writing leaves the previous file (or none), never a truncated one that a reader
+  (this module, `tools/ablation`) would take for a finished evaluation."""
+  partial = f'{path}.partial'
+  try:
+    with open(partial, 'w') as f:
+      json.dump(results, f, **dump_options)
+    os.replace(partial, path)
+  finally:
+    if os.path.exists(partial):
+      os.remove(partial)
+
+
 def latest_eval_file(workdir: str) -> str | None:
   """`<workdir>/eval/step_<N>.json` with the largest N, or None."""
   steps = {}
