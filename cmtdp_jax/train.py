@@ -286,7 +286,6 @@ def run_evaluation(config, model, state, eval_source, mesh, outputs=None) -> dic
   batch_sharding = sharding.batch_sharding(mesh)
   predict = _predict_step(model, tuple(config.tasks), mesh)
   metrics = pipeline.eval_metrics(config, eval_source)
-  counts = dict.fromkeys(metrics, 0)
   shown = progress.Progress('evaluation', eval_source.num_examples, 'images',
                             enabled=jax.process_index() == 0)
   for batch in pipeline.eval_dataset(eval_source, config).as_numpy_iterator():
@@ -294,14 +293,13 @@ def run_evaluation(config, model, state, eval_source, mesh, outputs=None) -> dic
     predictions = predict(state.params['model'], state.batch_stats, images)
     local = jax.tree.map(np.asarray, multihost_utils.global_array_to_host_local_array(
         predictions, mesh, batch_sharding.spec))
-    for task, count in pipeline.update_metrics(metrics, batch, local).items():
-      counts[task] += count
+    pipeline.update_metrics(metrics, batch, local)
     shown.advance(int(batch['mask'].sum()) * jax.process_count())  # hosts hold equal shares
     if outputs:
       outputs.add(batch, local)
   if outputs:
     outputs.close()
-  return _merge_across_hosts(metrics, counts)
+  return _merge_across_hosts(metrics)
 
 
 @functools.lru_cache(maxsize=4)
@@ -314,18 +312,16 @@ def _predict_step(model, task_names, mesh):
                  out_shardings=sharding.batch_sharding(mesh))
 
 
-def _merge_across_hosts(metrics, counts) -> dict[str, float]:
+def _merge_across_hosts(metrics) -> dict[str, float]:
   """Every metric's results over all hosts, and '<task>/images': how many images each
   task was scored on (the eval JSON says so when a task is scored on a subset)."""
   results = {}
   for task, metric in metrics.items():
-    count = np.int64(counts[task])
     if jax.process_count() > 1:
       summed = jax.tree.map(lambda x: np.sum(_allgather_exact(x), axis=0), metric.state)
       metric = type(metric).from_state(summed, metric)
-      count = np.sum(_allgather_exact(count))
     results.update(metric.result())
-    results[f'{task}/images'] = float(count)
+    results[f'{task}/images'] = float(metric.num_images)
   return results
 
 

@@ -77,6 +77,7 @@ def test_train_writes_eval_json_table_and_checkpoints(runs):
   for key in ('semseg/mIoU', 'depth/rmse', 'normals/mean', 'edge/odsF', 'sal/maxF',
               'human_parts/mIoU'):
     assert key in results and np.isfinite(results[key]), key
+    assert results[key.split('/')[0] + '/images'] == 16  # the whole eval set
   assert 'step 12/12' in runs['first'].stdout
   # The first step has its line at once (not log_every=10 steps later), evaluation its
   # progress; captured without a TTY, so plain lines.

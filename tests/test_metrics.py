@@ -168,6 +168,7 @@ def test_merge_and_from_state_equal_one_stream(task):
   summed = {k: first.state[k] + second.state[k] for k in first.state}
   rebuilt = type(first).from_state(summed, first)
   expected = single.result()
+  assert rebuilt.num_images == single.num_images == sum(len(gt) for _, gt in batches)
   assert first.merge(second).result() == pytest.approx(expected)
   assert rebuilt.result() == pytest.approx(expected)
 
@@ -180,6 +181,7 @@ def test_image_subset():
   only_b = evaluation.make_metric('semseg')
   only_b.update(pred[1], gt[1])
   assert subset.result() == only_b.result()
+  assert subset.num_images == only_b.num_images == 1
   with pytest.raises(ValueError, match='ids='):
     subset.update(pred, gt)
 

@@ -1,5 +1,7 @@
 """Scale-out: FSDP meshes, two processes = one process, preemption, divergence."""
 
+import json
+import pathlib
 import socket
 
 import jax
@@ -71,6 +73,13 @@ def test_two_processes_match_one_process(tmp_path, data_dir):
   np.testing.assert_allclose(_losses(outputs[0]), _losses(single.stdout), rtol=1e-4)
   assert len(_losses(single.stdout)) == 4
   assert_same_params(one, two, 4, exact=False)
+  # Each host scored its share of the eval set; the merged counts cover all of it.
+  one_results, two_results = (json.loads((pathlib.Path(w) / 'eval' / 'step_4.json').read_text())
+                              for w in (one, two))
+  assert one_results.keys() == two_results.keys()
+  images = {k: v for k, v in two_results.items() if k.endswith('/images')}
+  assert images == {k: v for k, v in one_results.items() if k.endswith('/images')}
+  assert len(images) == 6 and set(images.values()) == {16.0}, images
 
 
 def test_consecutive_nonfinite_steps_stop_with_a_message():

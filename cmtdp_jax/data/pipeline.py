@@ -233,21 +233,16 @@ def eval_dataset(source: Source, config) -> tf.data.Dataset:
   return ds.map(lambda batch: augment.centre_in_batch(batch, min_size)).prefetch(2)
 
 
-def update_metrics(metrics, batch, predictions) -> dict[str, int]:
+def update_metrics(metrics, batch, predictions) -> None:
   """Adds every real example of a host-local eval batch to `metrics` ({task:
-  Metric}), prediction and label cropped back to the original image; returns
-  the number of images each metric scored (those in its `image_ids`)."""
-  counts = dict.fromkeys(metrics, 0)
+  Metric}; each keeps only the images in its `image_ids`), prediction and label
+  cropped back to the original image."""
   for i in np.flatnonzero(batch['mask']):
     offset, size = batch['offset'][i], batch['size'][i]
     image_id = batch['id'][i].decode() if 'id' in batch else None
     for task, metric in metrics.items():
-      if metric.image_ids is not None and image_id not in metric.image_ids:
-        continue
       metric.update(augment.crop_to_original(predictions[task][i], offset, size),
                     augment.crop_to_original(batch[task][i], offset, size), ids=image_id)
-      counts[task] += 1
-  return counts
 
 
 def to_global(batch: dict[str, np.ndarray], sharding) -> dict[str, jax.Array]:

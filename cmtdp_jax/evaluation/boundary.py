@@ -413,8 +413,7 @@ class BoundaryMetric(metrics.Metric):
 
   def _zero_state(self):
     return {'counts': np.zeros((4, len(self.thresholds)), np.int64),
-            'ois_counts': np.zeros(4, np.int64),
-            'images': np.zeros((), np.int64)}
+            'ois_counts': np.zeros(4, np.int64)}
 
   def _update(self, pred, gt):
     for prob, label in zip(pred, gt):
@@ -435,7 +434,6 @@ class BoundaryMetric(metrics.Metric):
     best = int(np.argmax(precision_recall_f(counts)[2]))
     self._state['counts'] += counts
     self._state['ois_counts'] += counts[:, best]
-    self._state['images'] += 1
 
   def _finish(self):
     while self._pending:

@@ -23,7 +23,9 @@ class Metric:
   """Base class: batching, the optional image subset, state and merging.
 
   Subclasses define `_zero_state()`, `_update(pred, gt)` on a batch and
-  `result()`; everything they accumulate lives in `self._state`.
+  `result()`; everything they accumulate lives in `self._state`, beside the
+  base's 'images' (how many images were scored: those in `image_ids`), which
+  merges across hosts with the rest.
   """
 
   task: str
@@ -34,7 +36,7 @@ class Metric:
     self._reset()
 
   def _reset(self) -> None:
-    self._state = self._zero_state()
+    self._state = {**self._zero_state(), 'images': np.zeros((), np.int64)}
 
   def _zero_state(self) -> dict[str, np.ndarray]:
     raise NotImplementedError
@@ -68,6 +70,12 @@ class Metric:
       pred, gt = pred[keep], gt[keep]
     if len(gt):
       self._update(pred, gt)
+      self._state['images'] += len(gt)
+
+  @property
+  def num_images(self) -> int:
+    """Images scored so far (reported as '<task>/images' by the train loop)."""
+    return int(self._state['images'])
 
   @property
   def state(self) -> dict[str, np.ndarray]:
@@ -268,7 +276,7 @@ class SaliencyMetric(Metric):
             'predicted_positives': np.zeros(n, np.int64),
             'actual_positives': np.zeros((), np.int64),
             'jaccard_sum': np.zeros(m, np.float64),
-            'images': np.zeros((), np.int64)}
+            'jaccard_images': np.zeros((), np.int64)}
 
   def _update(self, pred, gt):
     state = self._state
@@ -287,7 +295,7 @@ class SaliencyMetric(Metric):
       intersection = _count_passing(passes[positive], num_miou)
       union = _count_passing(passes[~positive], num_miou) + np.count_nonzero(positive)
       state['jaccard_sum'] += np.where(union > 0, intersection / np.maximum(union, 1), 1.0)
-      state['images'] += 1
+      state['jaccard_images'] += 1
 
   def result(self):
     state = self._state
@@ -298,7 +306,7 @@ class SaliencyMetric(Metric):
     denominator = self.beta_squared * precision + recall
     f_score = np.divide((1 + self.beta_squared) * precision * recall, denominator,
                         out=np.zeros_like(tp), where=denominator > 0)
-    mean_jaccard = state['jaccard_sum'] / max(float(state['images']), 1.0)
+    mean_jaccard = state['jaccard_sum'] / max(float(state['jaccard_images']), 1.0)
     return {'sal/maxF': 100.0 * float(f_score.max()),
             'sal/mIoU': 100.0 * float(mean_jaccard.max())}
 
