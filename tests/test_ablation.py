@@ -23,7 +23,7 @@ def _fake_training(calls):
                   else 0.0, config.contrastive.strategy, config.contrastive.source_choice,
                   config.seed))
     gain = 1.0 + 0.01 * config.contrastive.weight * config.contrastive.enable
-    offset = [0.0, 3.0, -2.0, 1.0][config.seed]
+    offset = [0.0, 3.0, -2.0, 1.0, -1.0][config.seed]
     results = {'semseg/mIoU': (40.0 + offset) * gain, 'depth/rmse': 1.0 / gain}
     os.makedirs(os.path.join(workdir, 'eval'), exist_ok=True)
     with open(os.path.join(workdir, 'eval', f'step_{config.num_steps}.json'), 'w') as f:
@@ -101,14 +101,15 @@ def test_more_seeds_go_to_cells_within_two_standard_errors(tmp_path, monkeypatch
 
   def noisy(config, workdir):
     out = fake(config, workdir)
-    out['semseg/mIoU'] += [0.0, 0.9, -0.9, 0.1][config.seed] * config.contrastive.enable
+    out['semseg/mIoU'] += [0.0, 0.9, -0.9, 0.1, 0.3][config.seed] * config.contrastive.enable
     return out
 
   monkeypatch.setattr(ablation.train, 'train_and_evaluate', noisy)
   monkeypatch.setattr(ablation, 'regularizer_share', lambda workdir: None)
-  ablation.run_study(config, str(tmp_path / 'w'), str(tmp_path / 'r'), [0.0, 0.1], [10],
-                     [0, 1, 2], [], [3], False)
-  assert [c[-1] for c in calls] == [0, 0, 1, 1, 2, 2, 3, 3]
+  ablation.run_study(config, str(tmp_path / 'w'), str(tmp_path / 'r'), [0.0, 0.1, 0.2], [10],
+                     [0, 1, 2], [], [3, 4], False)
+  # Seed by seed, so that a study stopped among the extra seeds leaves the cells even.
+  assert [(c[1], c[-1]) for c in calls] == [(w, s) for s in range(5) for w in (0.0, 0.1, 0.2)]
 
 
 def test_source_pairs_split_by_label_kind():

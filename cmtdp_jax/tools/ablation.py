@@ -11,8 +11,8 @@ The design is fixed by the flags before anything runs:
   once every seed of that column has finished): `hard` (strategy=hard),
   `categorical_sources` / `continuous_sources` (source_choice=pairs with only categorical, or
   only depth/normals, sources for every target);
-- `--more_seeds` are added to a cell (and its lambda-0 reference) whose paired delta_m is
-  within twice its standard error.
+- `--more_seeds` are added, seed by seed, to every cell (and its lambda-0 reference) whose
+  paired delta_m after `--seeds` is within twice its standard error.
 
 Every run trains in `<workdir>/<cell>_seed<seed>`; its result (eval metrics, the regularizer's
 share of the total loss, wall time) is written to `<results_dir>/<cell>_seed<seed>.json`. A run
@@ -294,11 +294,12 @@ def run_study(config, workdir: str, results_dir: str, weights, train_sizes, seed
     for train_size in train_sizes:
       for weight in weights:
         run(train_size, weight, '', [seed])
-  for s in summaries().values():
-    d = s['delta_m']
-    if more_seeds and d and d['se'] is not None and abs(d['mean']) < 2 * d['se']:
-      run(s['train_size'], 0.0, '', more_seeds)
-      run(s['train_size'], s['weight'], s['extra'], more_seeds)
+  undecided = [s for s in summaries().values() if s['delta_m'] and s['delta_m']['se'] is not None
+               and abs(s['delta_m']['mean']) < 2 * s['delta_m']['se']]
+  for seed in more_seeds:  # seed by seed here too
+    for s in undecided:
+      run(s['train_size'], 0.0, '', [seed])
+      run(s['train_size'], s['weight'], s['extra'], [seed])
   largest = max(train_sizes)
   best = best_weight(summaries(), largest)
   if best is not None:
