@@ -170,6 +170,19 @@ def test_threads_merge_and_repeated_runs_give_identical_counts():
   assert rebuilt.result() == inline.result()
 
 
+def test_bench_thread_scaling_gives_the_same_counts_as_one_image_at_a_time():
+  from cmtdp_jax.tools import bench_boundary  # pylint: disable=import-outside-toplevel
+  rng = np.random.default_rng(6)
+  maps = [(boundary.quantize(np.clip(l + rng.uniform(0, 0.3, l.shape), 0, 1)), l)
+          for l in (np.roll(_cross(), s, axis=0) for s in range(3))]
+  thresholds = boundary.threshold_values(9)
+  scaling = bench_boundary.thread_scaling(maps, thresholds, 0.011, [1, 2])
+  expected = sum(boundary.image_counts(p, l, thresholds, 0.011, 'pyedgeeval') for p, l in maps)
+  for seconds, counts in scaling.values():
+    assert seconds > 0
+    np.testing.assert_array_equal(counts, expected)
+
+
 def test_thinning_equals_scikit_image_thin():
   """bwmorph 'thin' = skimage.morphology.thin, on noise, blobs and lines."""
   rng = np.random.default_rng(3)

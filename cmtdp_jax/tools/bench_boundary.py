@@ -16,8 +16,11 @@ pyEdgeEval's NMS (protocol 'pyedgeeval'), 99 thresholds and max_dist 0.011:
 It prints the CPU seconds per image by stage (and the wall time), the
 speed-up, odsF/oisF/AP of each (SEISM's summary rules; pyEdgeEval's own
 summary too), the per-threshold count differences exact - CSA, our scores
-under every protocol, and both AP definitions. Exit status 1 if ours differs from CSA or from pyEdgeEval's
-loop by more than 0.001 odsF (F in [0, 1]) or two runs differ.
+under every protocol, and both AP definitions. `--threads 1,2` also times the
+streaming metric (`BoundaryMetric`, exact matcher) with each number of threads,
+wall seconds per image, and checks that their counts are identical. Exit status
+1 if ours differs from CSA or from pyEdgeEval's loop by more than 0.001 odsF
+(F in [0, 1]), or two runs (or two thread counts) differ.
 """
 
 import argparse
@@ -152,6 +155,21 @@ def _run(maps, evaluate):
   return np.stack(counts), totals, seconds
 
 
+def thread_scaling(maps, thresholds, max_dist, thread_counts):
+  """{threads: (wall seconds per image, counts [4, T])} of the streaming metric on
+  `maps` (8-bit probability, label) with each number of threads."""
+  out = {}
+  for threads in thread_counts:
+    metric = boundary.BoundaryMetric(max_dist, thresholds, workers=threads,
+                                     protocol='pyedgeeval')
+    start = time.perf_counter()
+    for prob_u8, label in maps:
+      metric.update((prob_u8 + 0.5) / 255.0, label)  # quantizes back to prob_u8
+    counts = metric.state['counts']  # waits for the threads
+    out[threads] = ((time.perf_counter() - start) / len(maps), counts)
+  return out
+
+
 def _scores_line(name, result):
   return f'{name:34s}' + ''.join(f"{result[f'edge/{k}']:9.3f}" for k in ('odsF', 'oisF', 'AP'))
 
@@ -163,6 +181,8 @@ def main(argv=None):
   parser.add_argument('--maps', choices=('photos', 'synthetic'), default='photos')
   parser.add_argument('--max-dist', type=float, default=0.011)
   parser.add_argument('--seed', type=int, default=0, help='synthetic maps only')
+  parser.add_argument('--threads', default='', help='e.g. 1,2: time the streaming metric '
+                      'with each number of threads')
   args = parser.parse_args(argv)
   height, width = (int(v) for v in args.size.lower().split('x'))
   if args.maps == 'photos':
@@ -229,6 +249,15 @@ def main(argv=None):
   print('AP definitions on our counts: SEISM general_ap '
         f"{seism_summary(exact, thresholds)['edge/AP']:.3f}, pyEdgeEval "
         f"{seism_summary(exact, thresholds, ap='pyedgeeval')['edge/AP']:.3f}")
+
+  if args.threads:
+    scaling = thread_scaling(maps, thresholds, max_dist,
+                             [int(n) for n in args.threads.split(',')])
+    single = next(iter(scaling.values()))
+    print('\nstreaming metric, wall s per image by threads: ' + ', '.join(
+        f'{n}: {seconds:.3f} ({single[0] / seconds:.2f}x)' for n, (seconds, _) in scaling.items()))
+    deterministic &= all(np.array_equal(c, single[1]) for _, c in scaling.values())
+    print(f'same counts with every number of threads: {deterministic}')
 
   exact_ods = rows[0][1]['edge/odsF']
   checks = {'vs CSA': exact_ods - rows[1][1]['edge/odsF'],
