@@ -112,6 +112,35 @@ def test_more_seeds_go_to_cells_within_two_standard_errors(tmp_path, monkeypatch
   assert [(c[1], c[-1]) for c in calls] == [(w, s) for s in range(5) for w in (0.0, 0.1, 0.2)]
 
 
+def test_extras_stay_at_the_best_weight_of_the_design_seeds_and_get_more_seeds(
+    tmp_path, monkeypatch, config):
+  """Seed 3 makes lambda 0.1 the best; the extras ran at 0.2, the best after seeds 0-2,
+  and being undecided they get seed 3 like the grid cells."""
+  calls = []
+  fake = _fake_training(calls)
+
+  def noisy(config, workdir):
+    out = fake(config, workdir)
+    weight = config.contrastive.weight * config.contrastive.enable
+    out['semseg/mIoU'] += ([0.0, 0.9, -0.9][config.seed] * config.contrastive.enable
+                           if config.seed < 3 else -20 * weight)
+    return out
+
+  monkeypatch.setattr(ablation.train, 'train_and_evaluate', noisy)
+  monkeypatch.setattr(ablation, 'regularizer_share', lambda workdir: None)
+  summary = ablation.run_study(config, str(tmp_path / 'w'), str(tmp_path / 'r'),
+                               [0.0, 0.1, 0.2], [10], [0, 1, 2], ['hard'], [3], False)
+  assert summary['best_weight'] == 0.2
+  assert max(summary['cells'].values(), key=lambda s: (s['delta_m'] or {}).get('mean') or -1e9
+             if not s['extra'] else -1e9)['weight'] == 0.1
+  assert [(c[1], c[2], c[-1]) for c in calls if c[2] == 'hard'] == [
+      (0.2, 'hard', s) for s in range(4)]
+  assert [(c[1], c[-1]) for c in calls[-4:]] == [(0.0, 3), (0.1, 3), (0.2, 3), (0.2, 3)]
+  header = (tmp_path / 'r' / 'study.md').read_text().splitlines()[0]
+  assert header.startswith('7 steps per run, seeds 0,1,2; more seeds 3; best lambda of 10 '
+                           "scenes at seeds 0,1,2 (the extras' lambda): 0.2; 16 of 16 planned")
+
+
 def test_source_pairs_split_by_label_kind():
   tasks = ('semseg', 'depth', 'normals', 'edge')
   continuous = ablation.source_pairs(tasks, True)

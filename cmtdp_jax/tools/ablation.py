@@ -8,11 +8,12 @@ The design is fixed by the flags before anything runs:
   `--train_sizes` (config.data.num_train) x every `--seeds`; the same seeds in every cell, so
   each cell's difference to lambda 0 is paired by seed;
 - `--extras` at the best lambda of the largest training set (the highest mean delta_m, decided
-  once every seed of that column has finished): `hard` (strategy=hard),
+  once every one of `--seeds` of that column has finished; extra seeds do not move it):
+  `hard` (strategy=hard),
   `categorical_sources` / `continuous_sources` (source_choice=pairs with only categorical, or
   only depth/normals, sources for every target);
-- `--more_seeds` are added, seed by seed, to every cell (and its lambda-0 reference) whose
-  paired delta_m after `--seeds` is within twice its standard error.
+- `--more_seeds` are added, seed by seed, to every cell, extras included (and its lambda-0
+  reference), whose paired delta_m after `--seeds` is within twice its standard error.
 
 Every run trains in `<workdir>/<cell>_seed<seed>`; its result (eval metrics, the regularizer's
 share of the total loss, wall time) is written to `<results_dir>/<cell>_seed<seed>.json`. A run
@@ -294,26 +295,33 @@ def run_study(config, workdir: str, results_dir: str, weights, train_sizes, seed
     for train_size in train_sizes:
       for weight in weights:
         run(train_size, weight, '', [seed])
+  # The extras' lambda is decided on `seeds` alone: extra seeds refine the cells, they do
+  # not move the extras to another lambda (which would rerun all of them).
+  largest = max(train_sizes)
+  best = best_weight(summaries(), largest)
+  if best is not None:
+    for extra in extras:
+      run(largest, best, extra, seeds)
   undecided = [s for s in summaries().values() if s['delta_m'] and s['delta_m']['se'] is not None
                and abs(s['delta_m']['mean']) < 2 * s['delta_m']['se']]
   for seed in more_seeds:  # seed by seed here too
     for s in undecided:
       run(s['train_size'], 0.0, '', [seed])
       run(s['train_size'], s['weight'], s['extra'], [seed])
-  largest = max(train_sizes)
-  best = best_weight(summaries(), largest)
-  if best is not None:
-    for extra in extras:
-      run(largest, best, extra, seeds)
 
   final = summaries()
   table = markdown_table(final, tasks)
   wall = sum(r['wall_seconds'] for by_seed in runs.values() for r in by_seed.values())
-  planned = len(weights) * len(train_sizes) * len(seeds) + len(extras) * len(seeds)
+  added = ({(s['train_size'], s['weight'], s['extra']) for s in undecided}
+           | {(s['train_size'], 0.0, '') for s in undecided})
+  planned = (len(weights) * len(train_sizes) + len(extras)) * len(seeds) + len(added) * len(
+      more_seeds)
   finished = sum(len(by_seed) for by_seed in runs.values())
   so_far = ' so far' if finished < planned else ''
-  header = (f'{config.num_steps} steps per run, seeds {",".join(map(str, seeds))}; '
-            f'best lambda of {largest} scenes{so_far}: {best}; {finished} of {planned} planned '
+  header = (f'{config.num_steps} steps per run, seeds {",".join(map(str, seeds))}'
+            f'{"; more seeds " + ",".join(map(str, more_seeds)) if more_seeds else ""}; '
+            f'best lambda of {largest} scenes at seeds {",".join(map(str, seeds))} (the extras\' '
+            f'lambda){so_far}: {best}; {finished} of {planned} planned '
             f'runs finished, {wall / 3600:.2f} h of training and evaluation; mean ± sample std '
             'over seeds')
   summary = {'design': {'weights': weights, 'train_sizes': train_sizes, 'seeds': seeds,
