@@ -212,30 +212,38 @@ def markdown_table(summaries: dict, tasks) -> str:
 
 
 def plot_delta_m(summaries: dict, path: str) -> None:
-  """delta_m (paired 95% CI) against lambda, one line per training-set size."""
+  """delta_m (paired 95% CI) against lambda, one line per training-set size; the extras
+  as unconnected markers at their lambda. Series are shifted a little apart in lambda so
+  that their intervals do not hide each other."""
   from matplotlib.backends.backend_agg import FigureCanvasAgg  # pylint: disable=import-outside-toplevel
   from matplotlib.figure import Figure  # pylint: disable=import-outside-toplevel
-  figure = Figure(figsize=(5.0, 3.4), dpi=120)
+  figure = Figure(figsize=(5.6, 3.6), dpi=120)
   FigureCanvasAgg(figure)
   ax = figure.add_subplot()
-  sizes = sorted({s['train_size'] for s in summaries.values()})
-  for size in sizes:
-    points = sorted((s['weight'], s['delta_m']) for s in summaries.values()
-                    if s['train_size'] == size and not s['extra'] and s['delta_m']
-                    and s['delta_m']['mean'] is not None)
-    if not points:
-      continue
-    x = [w for w, _ in points]
+  scored = [s for s in summaries.values() if s['delta_m'] and s['delta_m']['mean'] is not None]
+  series = sorted({(s['train_size'], s['extra']) for s in scored}, key=lambda k: (k[1], k[0]))
+  for index, (size, extra) in enumerate(series):
+    points = sorted((s['weight'], s['delta_m']) for s in scored
+                    if s['train_size'] == size and s['extra'] == extra)
+    shift = 1.0 + 0.05 * (index - (len(series) - 1) / 2)
+    x = [w * shift for w, _ in points]
     y = [d['mean'] for _, d in points]
     err = [[d['mean'] - (d['low'] if d['low'] is not None else d['mean']) for _, d in points],
            [(d['high'] if d['high'] is not None else d['mean']) - d['mean'] for _, d in points]]
-    ax.errorbar(x, y, yerr=err, marker='o', capsize=3, label=f'{size} training scenes')
+    ax.errorbar(x, y, yerr=err, marker='o' if not extra else 's', capsize=3,
+                linestyle='-' if not extra else 'none',
+                label=f'{size} training scenes' + (f', {extra}' if extra else ''))
   ax.axhline(0.0, color='grey', lw=0.8)
-  ax.set_xscale('symlog', linthresh=0.3)
+  weights = sorted({s['weight'] for s in scored})
+  ax.set_xscale('log')
+  if weights:
+    ax.set_xticks(weights, [f'{w:g}' for w in weights])
+    ax.minorticks_off()
+    ax.set_xlim(min(weights) / 1.6, max(weights) * 1.6)
   ax.set_xlabel('lambda (regularizer weight)')
   ax.set_ylabel('delta_m vs lambda 0 (%)')
   ax.set_title('Regularizer effect, paired 95% CI over seeds', fontsize=9)
-  ax.legend(fontsize=8)
+  ax.legend(fontsize=7)
   figure.tight_layout()
   figure.savefig(path)
 
