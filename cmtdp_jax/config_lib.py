@@ -89,8 +89,11 @@ def base_config() -> ml_collections.ConfigDict:
   config.allow_config_change = False
 
   config.eval = ml_collections.ConfigDict()
-  # Per-task options of evaluation.make_metric (num_classes comes from the dataset).
-  config.eval.metric_options = ml_collections.ConfigDict({'edge': {'max_dist': 0.011}})
+  # Per-task options of evaluation.make_metric (num_classes comes from the dataset). The
+  # edge metric's are all here, so that --config.eval.metric_options.edge.X=... can set them
+  # (README "Evaluation"); thresholds: the protocol's unless a config file sets a number.
+  config.eval.metric_options = ml_collections.ConfigDict({'edge': {
+      'max_dist': 0.011, 'protocol': 'seism', 'matcher': 'exact', 'ap': 'seism', 'workers': 1}})
   # Score `subset_tasks` only on the eval images that are also in split `subset_split`
   # ('' = all of them); PASCAL: edges on SEISM's test_new, the other tasks on all of val.
   config.eval.subset_split = ''
@@ -147,6 +150,18 @@ def _field_paths(config, prefix=''):
       yield from _field_paths(value, f'{prefix}{name}.')
 
 
+def _check_metric_options(config) -> None:
+  """Builds every trained task's metric once, so that a bad option (an unknown edge
+  protocol, a misspelt name) stops the run now rather than at its first evaluation."""
+  from cmtdp_jax import evaluation  # pylint: disable=import-outside-toplevel
+  for task in config.eval.metric_options:
+    if task in config.tasks:
+      try:
+        evaluation.make_metric(task, **evaluation.metric_options(config, task))
+      except (TypeError, ValueError) as e:
+        raise ValueError(f'config.eval.metric_options.{task}: {e}') from None
+
+
 def validate(config, num_devices: int) -> None:
   """One-line errors for inconsistent configs, before anything compiles."""
   for task in config.tasks:
@@ -166,6 +181,7 @@ def validate(config, num_devices: int) -> None:
       if task not in config.tasks:  # ... an untrained task only a note: defaults name them
         logging.info("config.%s.%s is ignored: '%s' is not in config.tasks %s", field, task,
                      task, tuple(config.tasks))
+  _check_metric_options(config)
   contrastive.ContrastiveConfig.from_dict(config.contrastive)
   if config.contrastive.enable and len(config.tasks) < 2:
     raise ValueError('config.contrastive.enable needs at least two tasks in config.tasks')

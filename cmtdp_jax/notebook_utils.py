@@ -121,9 +121,6 @@ def build_config(dataset: str = 'synthetic', *, full_protocol: bool = False,
     raise ValueError(f"unknown dataset '{dataset}'; valid: synthetic, "
                      f"{', '.join(REAL_DATASETS)}")
   config.model.framework = framework
-  if tiny:
-    # A handful of eval images: starting boundary worker processes costs more than it saves.
-    config.eval.metric_options.edge.workers = 1
   if not full_protocol:
     _shorten(config, num_steps)
   config.seed = seed

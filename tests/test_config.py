@@ -67,3 +67,19 @@ def test_known_override_is_no_error():
   config = config_lib.base_config()
   for path in ('model.backbone_kwargs.width', 'tasks', 'data.augment.flip'):
     assert config_lib.unknown_field(config, path) is None
+
+
+def test_edge_metric_options_are_settable_and_checked_before_training():
+  """Every edge option is a field (the CLI can set it); a bad one stops validate."""
+  config = config_lib.base_config()
+  for field in ('protocol', 'matcher', 'ap', 'workers', 'max_dist'):
+    assert config_lib.unknown_field(config, f'eval.metric_options.edge.{field}') is None
+  config.eval.metric_options.edge.protocol = 'invpt'
+  config_lib.validate(config, 8)
+  config.eval.metric_options.edge.protocol = 'matlab'
+  with pytest.raises(ValueError, match=r"^config.eval.metric_options.edge: .*protocol.*'matlab'"):
+    config_lib.validate(config, 8)
+  config.eval.metric_options.edge.protocol = 'seism'
+  config.eval.metric_options.edge.wokers = 2
+  with pytest.raises(ValueError, match=r"^config.eval.metric_options.edge: .*wokers"):
+    config_lib.validate(config, 8)

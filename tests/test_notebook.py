@@ -95,7 +95,6 @@ def test_build_config_short_tiny_and_overrides():
   assert tuple(config.data.crop_size) == (32, 32)  # the smoke variant
   assert config.batch_size == 4 and config.data.num_train == 12
   assert config.data.data_dir == '/d' and not config.contrastive.enable
-  assert config.eval.metric_options.edge.workers == 1  # no worker processes for 8 images
   full = notebook_utils.build_config('synthetic', full_protocol=True, num_steps=7)
   assert full.num_steps == 2000  # the config file's own schedule
   other = notebook_utils.build_config('synthetic', backbone='resnet50', framework='padnet')
