@@ -256,8 +256,9 @@ def main(argv=None):
     single = next(iter(scaling.values()))
     print('\nstreaming metric, wall s per image by threads: ' + ', '.join(
         f'{n}: {seconds:.3f} ({single[0] / seconds:.2f}x)' for n, (seconds, _) in scaling.items()))
-    deterministic &= all(np.array_equal(c, single[1]) for _, c in scaling.values())
-    print(f'same counts with every number of threads: {deterministic}')
+    same = all(np.array_equal(c, single[1]) for _, c in scaling.values())
+    print(f'same counts with every number of threads: {same}')
+    deterministic = deterministic and same
 
   exact_ods = rows[0][1]['edge/odsF']
   checks = {'vs CSA': exact_ods - rows[1][1]['edge/odsF'],
