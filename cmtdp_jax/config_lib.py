@@ -1,4 +1,5 @@
-"""The base config every file in `configs/` starts from, and its validation.
+"""The base config every file in `configs/` starts from, its validation, and the
+command-line parsing of `--config FILE` and its overrides (one line per error).
 
 Config files override what differs (dataset, model, schedule); every field
 used anywhere in the code has its default here, so `--config.x=y` overrides
@@ -9,8 +10,13 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.util
+import os
+import sys
+import traceback
 
 import ml_collections
+from absl import flags
 from absl import logging
 
 from cmtdp_jax import contrastive
@@ -117,6 +123,94 @@ def base_config() -> ml_collections.ConfigDict:
   config.mesh.shape = (-1,)  # one size per axis; one -1 takes the remaining devices
   config.mesh.fsdp_min_size = 2 ** 14  # smaller arrays stay replicated
   return config
+
+
+def parse_flags(argv):
+  """absl's flag parsing, with one line (exit status 2) for a command-line or config-file
+  error: a config file that is missing or fails to load, an unknown `--config.<field>`,
+  a bad flag value."""
+  config_file = _config_argument(argv[1:])
+  try:
+    config = None if config_file is None else load_config_file(config_file)
+  except ValueError as e:
+    _usage_error(str(e))
+  try:
+    return flags.FLAGS(argv)
+  except (flags.Error, AttributeError, KeyError) as e:
+    message = config is not None and _unknown_override(config, argv[1:])
+    if message:
+      _usage_error(message)
+    if isinstance(e, flags.Error):
+      _usage_error(f'{e} (--help lists the flags)')
+    raise
+
+
+def _usage_error(message: str):
+  print(f'error: {message}', file=sys.stderr)
+  sys.exit(2)
+
+
+def _config_argument(args) -> str | None:
+  """The value of the last `--config` flag in `args`, if any."""
+  config_file = None
+  for i, arg in enumerate(args):
+    if arg == '--config' and i + 1 < len(args):
+      config_file = args[i + 1]
+    elif arg.startswith('--config='):
+      config_file = arg.removeprefix('--config=')
+  return config_file
+
+
+def _unknown_override(config, args):
+  """The error of the first `--config.<path>` in `args` that names no field of `config`."""
+  for arg in args:
+    path = arg.split('=', 1)[0].removeprefix('--no').removeprefix('--')
+    message = path.startswith('config.') and unknown_field(
+        config, path.removeprefix('config.'))
+    if message:
+      return message
+  return None
+
+
+def load_config_file(argument: str) -> ml_collections.ConfigDict:
+  """The config of `--config FILE[:VARIANT]`, as ml_collections builds it.
+
+  Raises ValueError with one line naming the file (and the line, for an error in
+  it) where ml_collections prints a traceback (or, for a missing file, fails
+  only at the config's first use).
+  """
+  path, _, variant = argument.partition(':')
+  flag = f'--config {argument}'
+  if not os.path.isfile(path):
+    problem = 'is not a file' if os.path.exists(path) else 'no such file'
+    raise ValueError(f'{flag}: {problem} (working directory {os.getcwd()})')
+  try:
+    spec = importlib.util.spec_from_file_location('cmtdp_jax_config_file', path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+  except SyntaxError as e:
+    elsewhere = os.path.abspath(e.filename or path) != os.path.abspath(path)
+    raise ValueError(f'{flag}: {e.filename + " " if elsewhere else ""}line {e.lineno}: '
+                     f'{e.msg}') from None
+  except Exception as e:  # pylint: disable=broad-exception-caught
+    raise ValueError(f'{flag}: {_error_in_file(e, path)}') from None
+  if not callable(getattr(module, 'get_config', None)):
+    raise ValueError(f'{flag}: the file defines no get_config()')
+  try:
+    config = module.get_config(*([variant] if variant else []))
+  except Exception as e:  # pylint: disable=broad-exception-caught
+    raise ValueError(f'{flag}: get_config() raised {_error_in_file(e, path)}') from None
+  if not isinstance(config, ml_collections.ConfigDict):
+    raise ValueError(f'{flag}: get_config() returned {type(config).__name__}, '
+                     'not a ConfigDict')
+  return config
+
+
+def _error_in_file(error: Exception, path: str) -> str:
+  """'Type: message (line N)', N the innermost line of `path` the error passed through."""
+  lines = [frame.lineno for frame in traceback.extract_tb(error.__traceback__)
+           if os.path.abspath(frame.filename) == os.path.abspath(path)]
+  return f'{type(error).__name__}: {error}' + (f' (line {lines[-1]})' if lines else '')
 
 
 def unknown_field(config, path: str) -> str | None:

@@ -52,42 +52,6 @@ class _QuietLibraries(python_logging.Filter):
     return record.levelno >= python_logging.WARNING or 'cmtdp_jax' in record.pathname
 
 
-def parse_flags(argv):
-  """absl's flag parsing, with one line naming an unknown `--config.<field>`."""
-  try:
-    return FLAGS(argv)
-  except (flags.Error, AttributeError, KeyError) as e:
-    message = _unknown_override(argv[1:])
-    if message:
-      sys.exit(f'error: {message}')
-    if isinstance(e, flags.Error):
-      sys.exit(f'error: {e} (--help lists the flags)')
-    raise
-
-
-def _unknown_override(args):
-  """The error of the first `--config.<path>` in `args` that names no field, if any.
-
-  ml_collections fails on it while loading the config, so the file is loaded again here.
-  """
-  config_file = None
-  for i, arg in enumerate(args):
-    if arg == '--config' and i + 1 < len(args):
-      config_file = args[i + 1]
-    elif arg.startswith('--config='):
-      config_file = arg.removeprefix('--config=')
-  if config_file is None:
-    return None
-  config = FLAGS['config'].parser.parse(config_file)
-  for arg in args:
-    path = arg.split('=', 1)[0].removeprefix('--no').removeprefix('--')
-    message = path.startswith('config.') and config_lib.unknown_field(
-        config, path.removeprefix('config.'))
-    if message:
-      return message
-  return None
-
-
 def main(argv):
   logging.get_absl_handler().addFilter(_QuietLibraries())
   if len(argv) > 1:
@@ -112,4 +76,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main, flags_parser=parse_flags)
+  app.run(main, flags_parser=config_lib.parse_flags)

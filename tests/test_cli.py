@@ -13,6 +13,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from cmtdp_jax import checkpointing
+from cmtdp_jax import config_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -163,7 +164,7 @@ def parse_cli(monkeypatch):
 
   def parse(argv):
     monkeypatch.setattr(sys, 'argv', argv)
-    return main.parse_flags(argv)
+    return config_lib.parse_flags(argv)
   yield parse
   main.FLAGS.unparse_flags()
 
@@ -174,11 +175,51 @@ def parse_cli(monkeypatch):
     ('--config.foo=1', "error: --config.foo: config has no field 'foo'; python -m "
                        'cmtdp_jax.main --config FILE --mode=print_config lists the fields'),
 ])
-def test_unknown_config_field_is_one_line_naming_it(parse_cli, override, message):
+def test_unknown_config_field_is_one_line_naming_it(parse_cli, capsys, override, message):
   with pytest.raises(SystemExit) as exit_info:
     parse_cli(['main', '--config', 'configs/synthetic.py:smoke', override])
-  assert str(exit_info.value.code) == message
+  assert exit_info.value.code == 2
+  assert capsys.readouterr().err == message + '\n'
 
+
+@pytest.mark.parametrize('text,variant,message', [
+    (None, '', 'no such file'),
+    ('def get_config(:\n  pass\n', '', 'line 1: invalid syntax'),
+    ('import os\n\ndef get_config():\n  return os.nothing\n', '',
+     "get_config() raised AttributeError: module 'os' has no attribute 'nothing' (line 4)"),
+    ('raise ImportError("no module x")\n', '', 'ImportError: no module x (line 1)'),
+    ('X = 1\n', '', 'the file defines no get_config()'),
+    ('def get_config():\n  return {"a": 1}\n', '', 'get_config() returned dict'),
+    ('from cmtdp_jax import config_lib\n\ndef get_config():\n'
+     '  return config_lib.base_config()\n', 'smoke',
+     'get_config() raised TypeError'),
+])
+def test_config_file_error_is_one_line_naming_the_file(parse_cli, capsys, tmp_path, text,
+                                                       variant, message):
+  """A config file that is missing, does not parse or raises: one line, exit status 2
+  (was a traceback of 44-58 lines)."""
+  path = tmp_path / 'my_config.py'
+  if text is not None:
+    path.write_text(text)
+  argument = f'{path}:{variant}' if variant else str(path)
+  with pytest.raises(SystemExit) as exit_info:
+    parse_cli(['main', f'--config={argument}', '--workdir', str(tmp_path / 'run')])
+  assert exit_info.value.code == 2
+  err = capsys.readouterr().err
+  assert err.count('\n') == 1 and err.startswith(f'error: --config {argument}: '), err
+  assert message in err, err
+
+
+
+@pytest.mark.parametrize('module', ['cmtdp_jax.benchmark', 'cmtdp_jax.tools.ablation'])
+def test_tools_report_config_file_errors_in_one_line(tmp_path, module):
+  """The other commands that take --config parse it the same way."""
+  proc = subprocess.run([sys.executable, '-m', module, f'--config={tmp_path}/none.py',
+                         f'--workdir={tmp_path}'], cwd=ROOT, capture_output=True, text=True,
+                        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2'), timeout=300)
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  assert proc.stderr.strip().splitlines()[-1].startswith(
+      f'error: --config {tmp_path}/none.py: no such file'), proc.stderr[-2000:]
 
 def test_print_config_shows_overrides_and_needs_no_workdir(parse_cli, capsys):
   from cmtdp_jax import main  # pylint: disable=import-outside-toplevel

@@ -40,6 +40,7 @@ from absl import app, flags
 from ml_collections import config_flags
 from scipy import stats as scipy_stats
 
+from cmtdp_jax import config_lib
 from cmtdp_jax import evaluation
 from cmtdp_jax import tasks as tasks_lib
 from cmtdp_jax import train
@@ -385,4 +386,4 @@ def _run_from_flags():
 
 if __name__ == '__main__':
   define_flags()
-  app.run(main)
+  app.run(main, flags_parser=config_lib.parse_flags)

@@ -13,6 +13,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
+from cmtdp_jax import config_lib
 from cmtdp_jax import data as data_lib
 from cmtdp_jax import evaluation
 from cmtdp_jax import tasks as tasks_lib
@@ -74,4 +75,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=config_lib.parse_flags)
