@@ -32,6 +32,7 @@ from cmtdp_jax import sharding
 from cmtdp_jax import steps
 from cmtdp_jax import workdir_lock
 from cmtdp_jax.data import pipeline
+from cmtdp_jax.evaluation import scoring
 from cmtdp_jax.evaluation import visualize
 from cmtdp_jax.models import convert
 
@@ -285,7 +286,7 @@ def run_evaluation(config, model, state, eval_source, mesh, outputs=None) -> dic
   """
   batch_sharding = sharding.batch_sharding(mesh)
   predict = _predict_step(model, tuple(config.tasks), mesh)
-  metrics = pipeline.eval_metrics(config, eval_source)
+  metrics = scoring.eval_metrics(config, eval_source)
   shown = progress.Progress('evaluation', eval_source.num_examples, 'images',
                             enabled=jax.process_index() == 0)
   for batch in pipeline.eval_dataset(eval_source, config).as_numpy_iterator():
@@ -293,7 +294,7 @@ def run_evaluation(config, model, state, eval_source, mesh, outputs=None) -> dic
     predictions = predict(state.params['model'], state.batch_stats, images)
     local = jax.tree.map(np.asarray, multihost_utils.global_array_to_host_local_array(
         predictions, mesh, batch_sharding.spec))
-    pipeline.update_metrics(metrics, batch, local)
+    scoring.update_metrics(metrics, batch, local)
     shown.advance(int(batch['mask'].sum()) * jax.process_count())  # hosts hold equal shares
     if outputs:
       outputs.add(batch, local)

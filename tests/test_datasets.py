@@ -6,6 +6,7 @@ then prepared and read back through the builders and the `pipeline` decoding
 that training uses.
 """
 
+import ast
 import glob
 import importlib.util
 import json
@@ -28,6 +29,7 @@ from cmtdp_jax import config_lib, protocol  # noqa: E402
 from cmtdp_jax import data as data_lib  # noqa: E402
 from cmtdp_jax.data import (augment, folder_io, nyud, pascal_context, pipeline,  # noqa: E402
                             prepare, synthetic, synthetic_world)
+from cmtdp_jax.evaluation import scoring  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 NYUD_IDS = {'train': ('a1', 'a2', 'a3'), 'val': ('b1', 'b2')}
@@ -446,11 +448,11 @@ def test_pascal_protocol_scores_edges_on_test_new_and_the_rest_on_val(tmp_path):
   config.eval.subset_split = 'test_new'
   source = pipeline.open_eval_split(config)
   assert source.split == 'validation' and source.subset_ids == frozenset({'2008_000003'})
-  metrics = pipeline.eval_metrics(config, source)
+  metrics = scoring.eval_metrics(config, source)
   for batch in pipeline.eval_dataset(source, config).as_numpy_iterator():
     perfect = {t: np.where(batch[t] == 255, 0, batch[t]).astype(np.float32) if t == 'edge'
                else batch[t] for t in config.tasks}
-    pipeline.update_metrics(metrics, batch, perfect)
+    scoring.update_metrics(metrics, batch, perfect)
   assert {t: m.num_images for t, m in metrics.items()} == {'semseg': 3, 'edge': 1}
   assert metrics['semseg'].result()['semseg/mIoU'] == pytest.approx(100.0)
   config.eval.subset_split = 'missing'
@@ -608,3 +610,23 @@ def test_protocol_values():
                                                 'single_task=depth').loss_options
   with pytest.raises(ValueError, match="unknown config variant 'single_task=sal'"):
     protocol.protocol_config('nyud', 'hrnet_w48', 'baseline', 'single_task=sal')
+
+
+def test_data_layer_imports_nothing_above_it():
+  """cmtdp_jax.data reads and augments datasets; scoring (evaluation) and the models sit on
+  top of it, never the other way round (pipeline.py imported evaluation to score batches)."""
+  allowed = ('cmtdp_jax.data', 'cmtdp_jax.tasks', 'cmtdp_jax.progress')
+  found = []
+  for path in sorted((REPO / 'cmtdp_jax' / 'data').glob('*.py')):
+    for node in ast.walk(ast.parse(path.read_text())):
+      if isinstance(node, ast.Import):
+        modules = [a.name for a in node.names]
+      elif isinstance(node, ast.ImportFrom) and node.module == 'cmtdp_jax':
+        modules = [f'cmtdp_jax.{a.name}' for a in node.names]
+      elif isinstance(node, ast.ImportFrom):
+        modules = [node.module or '']
+      else:
+        continue
+      found += [f'{path.name}:{node.lineno} {m}' for m in modules
+                if m.startswith('cmtdp_jax') and not m.startswith(allowed)]
+  assert not found, found

@@ -19,7 +19,6 @@ import tensorflow_datasets as tfds
 from jax.experimental import multihost_utils
 
 from cmtdp_jax import data as data_lib
-from cmtdp_jax import evaluation
 from cmtdp_jax import tasks as tasks_lib
 from cmtdp_jax.data import augment
 
@@ -102,17 +101,6 @@ def open_eval_split(config) -> Source:
   ids = frozenset(r['id'].decode() for r in ids.map(lambda r: {'id': r['id']})
                   .as_numpy_iterator())
   return dataclasses.replace(source, subset_ids=ids)
-
-
-def eval_metrics(config, source: Source) -> dict:
-  """{task: Metric} of a run; `config.eval.subset_tasks` only on `source.subset_ids`."""
-  metrics = {}
-  for task in config.tasks:
-    options = evaluation.metric_options(config, task)
-    if source.subset_ids is not None and task in config.eval.subset_tasks:
-      options['image_ids'] = source.subset_ids
-    metrics[task] = evaluation.make_metric(task, **options)
-  return metrics
 
 
 def _decoder(source: Source):
@@ -231,18 +219,6 @@ def eval_dataset(source: Source, config) -> tf.data.Dataset:
   ds = ds.padded_batch(per_host, padding_values=augment.padding_values(ds.element_spec),
                        drop_remainder=True)
   return ds.map(lambda batch: augment.centre_in_batch(batch, min_size)).prefetch(2)
-
-
-def update_metrics(metrics, batch, predictions) -> None:
-  """Adds every real example of a host-local eval batch to `metrics` ({task:
-  Metric}; each keeps only the images in its `image_ids`), prediction and label
-  cropped back to the original image."""
-  for i in np.flatnonzero(batch['mask']):
-    offset, size = batch['offset'][i], batch['size'][i]
-    image_id = batch['id'][i].decode() if 'id' in batch else None
-    for task, metric in metrics.items():
-      metric.update(augment.crop_to_original(predictions[task][i], offset, size),
-                    augment.crop_to_original(batch[task][i], offset, size), ids=image_id)
 
 
 def to_global(batch: dict[str, np.ndarray], sharding) -> dict[str, jax.Array]:

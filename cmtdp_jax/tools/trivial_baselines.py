@@ -18,6 +18,7 @@ from cmtdp_jax import data as data_lib
 from cmtdp_jax import evaluation
 from cmtdp_jax import tasks as tasks_lib
 from cmtdp_jax.data import pipeline
+from cmtdp_jax.evaluation import scoring
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'Config file (optionally file.py:variant).')
@@ -62,12 +63,12 @@ def main(argv):
   train_source = pipeline.open_split(config.data, spec.train_split, config.tasks)
   eval_source = pipeline.open_eval_split(config)
   stats = training_statistics(train_source, config.tasks, FLAGS.train_examples)
-  metrics = pipeline.eval_metrics(config, eval_source)
+  metrics = scoring.eval_metrics(config, eval_source)
   rng = np.random.default_rng(0)
   for batch in pipeline.eval_dataset(eval_source, config).as_numpy_iterator():
     predictions = {task: np.asarray(trivial_prediction(task, stats, batch[task], spec.num_classes,
                                                        rng)) for task in metrics}
-    pipeline.update_metrics(metrics, batch, predictions)
+    scoring.update_metrics(metrics, batch, predictions)
   results = {}
   for metric in metrics.values():
     results.update(metric.result())
