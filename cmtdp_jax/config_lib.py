@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 
 import ml_collections
 from absl import logging
@@ -16,6 +17,7 @@ from absl import logging
 from cmtdp_jax import contrastive
 from cmtdp_jax import data as data_lib
 from cmtdp_jax import tasks as tasks_lib
+from cmtdp_jax.data import label_mapping
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -48,6 +50,14 @@ def base_config() -> ml_collections.ConfigDict:
   config.data.augment.photometric = True
   # PASCAL: a crop without any part pixel gets all-ignore human_parts labels (ATRC).
   config.data.augment.parts_need_person = False
+  # Partially annotated training (data/label_mapping.py): which tasks each training image
+  # keeps, '' (all), 'one_label' or 'random' (each task with probability label_fraction, at
+  # least one), drawn from partial_labels_seed (not config.seed); or label_mapping = a JSON
+  # file {image_id: [tasks]}. The run's mapping is written to <workdir>/label_mapping.json.
+  config.data.partial_labels = ''
+  config.data.label_fraction = 0.5
+  config.data.partial_labels_seed = 0
+  config.data.label_mapping = ''
 
   config.model = ml_collections.ConfigDict()
   config.model.framework = 'baseline'
@@ -206,14 +216,32 @@ def validate(config, num_devices: int) -> None:
   if height < 32 or width < 32:
     raise ValueError(f'config.data.crop_size {tuple(config.data.crop_size)} is smaller '
                      'than the output stride 32')
+  _check_partial_labels(config.data)
   augment = config.data.augment
   if not 0 < augment.min_scale <= augment.max_scale:
     raise ValueError(f'config.data.augment scales ({augment.min_scale}, {augment.max_scale}) '
                      'must satisfy 0 < min_scale <= max_scale')
 
 
+def _check_partial_labels(data_config) -> None:
+  mode = data_config.partial_labels
+  if mode not in label_mapping.MODES:
+    raise ValueError(f"config.data.partial_labels: unknown mode '{mode}' "
+                     f"(valid: {', '.join(repr(m) for m in label_mapping.MODES)})")
+  if not 0 < data_config.label_fraction <= 1:
+    raise ValueError(f'config.data.label_fraction={data_config.label_fraction} must be in '
+                     '(0, 1]')
+  if data_config.label_mapping:
+    if mode:
+      raise ValueError(f"config.data.label_mapping and config.data.partial_labels='{mode}' "
+                       'both choose the labelled tasks: set only one')
+    if not os.path.isfile(data_config.label_mapping):
+      raise ValueError(f'config.data.label_mapping: no such file {data_config.label_mapping}')
+
+
 # Fields a resumed run must share with the run that wrote its checkpoint: with
 # another batch size, dataset, task list or model it would not continue that run.
+# 'data' includes the partial-label fields: a resume trains on <workdir>/label_mapping.json.
 RESUME_FIXED = ('batch_size', 'tasks', 'data', 'model')
 # ... except those that only say where the data lives, how fast it is read, what
 # evaluation uses, or what only a fresh run loads.
