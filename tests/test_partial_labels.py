@@ -283,3 +283,115 @@ def test_eight_devices_match_one_device_with_partial_labels():
   assert metrics8['loss/normals'] == 0.0 and metrics8['loss/contrastive'] > 0
   for a, b in zip(jax.tree.leaves(params8), jax.tree.leaves(params1)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+# ----------------------------------------------------------------- pipeline
+
+
+def _batches(source, config, mapping, count):
+  from cmtdp_jax.data import pipeline  # pylint: disable=import-outside-toplevel
+  batches = pipeline.train_dataset(source, config, 0, mapping).as_numpy_iterator()
+  return [next(batches) for _ in range(count)]
+
+
+def test_synthetic_batches_carry_the_mapping_without_changing_data_or_augmentation(data_dir):
+  from cmtdp_jax.data import pipeline  # pylint: disable=import-outside-toplevel
+  config = tiny_config(data_dir)
+  source = pipeline.open_split(config.data, 'train', config.tasks)
+  ids = pipeline.split_ids(source)
+  assert ids == [f'{i:05d}' for i in range(32)]
+  mapping = label_mapping.draw(ids, config.tasks, 'random', 0.5, seed=0)
+  full, partial = _batches(source, config, None, 5), _batches(source, config, mapping, 5)
+  for a, b in zip(full, partial):  # 5 batches of 8: into the second epoch
+    assert 'labelled' not in a and set(b['labelled']) == set(config.tasks)
+    for key in a:
+      np.testing.assert_array_equal(a[key], b[key])
+  # Without augmentation each row is a stored image: its id is its position in the split.
+  config.data.augment.update(min_scale=1.0, max_scale=1.0, flip=False, photometric=False)
+  stored = [x['depth'] for x in pipeline.decoded_examples(source).as_numpy_iterator()]
+  for batch in _batches(source, config, mapping, 5):
+    for row in range(config.batch_size):
+      position = next(i for i, d in enumerate(stored) if np.array_equal(d, batch['depth'][row]))
+      kept = {t for t in config.tasks if batch['labelled'][t][row]}
+      assert kept == set(mapping[ids[position]])
+
+
+@pytest.mark.parametrize('name', ['nyud', 'pascal_context'])
+def test_real_dataset_train_split_gets_a_mapping_and_labelled_batches(tmp_path, name):
+  from cmtdp_jax.data import pipeline  # pylint: disable=import-outside-toplevel
+  from tests import test_datasets  # pylint: disable=import-outside-toplevel
+  src = tmp_path / 'src'
+  if name == 'nyud':
+    test_datasets._write_nyud(src, 'nyud_mt')
+    expected_ids = list(test_datasets.NYUD_IDS['train'])
+  else:
+    test_datasets._write_pascal(src)
+    expected_ids = list(test_datasets.PASCAL_IDS['train'])
+  config = config_lib.base_config()
+  config.data = test_datasets._data_config(tmp_path, name, src)
+  config.tasks = data_lib.get_dataset_spec(name).tasks
+  config.data.partial_labels = 'one_label'
+  config.data.crop_size = (8, 8)
+  config.batch_size = 6
+  source = pipeline.open_split(config.data, 'train', config.tasks)
+  assert pipeline.split_ids(source) == expected_ids
+  mapping = label_mapping.for_run(config.data, config.tasks, expected_ids, str(tmp_path))
+  assert sorted(mapping) == sorted(expected_ids)
+  batch = _batches(source, config, mapping, 1)[0]
+  rows = sorted(tuple(t for t in sorted(config.tasks) if batch['labelled'][t][row])
+                for row in range(6))
+  # Six rows of an epoch-wrapped split: each image twice (NYUD) or six times (PASCAL).
+  assert rows == sorted(list(mapping.values()) * (6 // len(expected_ids)))
+
+
+# ---------------------------------------------------------- runs and resume
+
+
+def test_mapping_is_written_once_and_read_back_by_a_resume(tmp_path, data_dir, caplog):
+  from cmtdp_jax.data import pipeline  # pylint: disable=import-outside-toplevel
+  config = tiny_config(data_dir, **{'data.partial_labels': 'random', 'data.label_fraction': 0.4,
+                                    'data.partial_labels_seed': 5})
+  source = pipeline.open_split(config.data, 'train', config.tasks)
+  workdir = str(tmp_path)
+  caplog.set_level('INFO')
+  mapping = train._label_mapping(config, workdir, source, is_chief=True)
+  path = tmp_path / label_mapping.FILENAME
+  written = path.read_bytes()
+  assert mapping == label_mapping.draw(pipeline.split_ids(source), config.tasks, 'random', 0.4, 5)
+  assert json.loads(written) == {i: list(t) for i, t in mapping.items()}
+  assert label_mapping.load(workdir) == mapping
+  digest = label_mapping.sha256(mapping)
+  assert f'written (sha256 {digest})' in caplog.text
+  # A resume reads the file back (here edited, to tell it from a redraw) and leaves it.
+  edited = dict(mapping, **{'00000': ('depth', 'sal')})
+  label_mapping.save(workdir, edited)
+  edited_bytes = path.read_bytes()
+  assert train._label_mapping(config, workdir, source, is_chief=True) == edited
+  assert path.read_bytes() == edited_bytes
+  assert f'read back (sha256 {label_mapping.sha256(edited)})' in caplog.text
+  # Without partial labels nothing is written.
+  assert train._label_mapping(tiny_config(data_dir), str(tmp_path / 'full'),
+                              source, is_chief=True) is None
+  assert not os.path.exists(tmp_path / 'full' / label_mapping.FILENAME)
+
+
+def test_cli_trains_and_evaluates_one_label_end_to_end(tmp_path, data_dir):
+  workdir = str(tmp_path / 'run')
+  proc = run_main(workdir, '--config.num_steps=2', '--config.log_every=1',
+                  '--config.tasks=("semseg","depth","sal")',
+                  '--config.data.partial_labels=one_label', '--config.contrastive.enable=True',
+                  data_dir=data_dir)
+  with open(os.path.join(workdir, 'eval', 'step_2.json')) as f:
+    results = json.load(f)
+  assert results['semseg/images'] == 16 and np.isfinite(results['depth/rmse'])
+  mapping = label_mapping.load(workdir)
+  assert sorted(mapping) == [f'{i:05d}' for i in range(32)]
+  assert all(len(t) == 1 for t in mapping.values())
+  assert f'sha256 {label_mapping.sha256(mapping)}' in proc.stderr
+  assert 'step 2/2' in proc.stdout
+  # A resume with another draw would train on another dataset: refused.
+  other_draw = tiny_config(data_dir, **{'tasks': ('semseg', 'depth', 'sal'),
+                                        'data.partial_labels': 'one_label',
+                                        'data.partial_labels_seed': 1})
+  with pytest.raises(ValueError, match=r'^config.data.partial_labels_seed changed since'):
+    train._check_config_change(other_draw, workdir, 2)
