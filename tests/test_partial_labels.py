@@ -395,3 +395,20 @@ def test_cli_trains_and_evaluates_one_label_end_to_end(tmp_path, data_dir):
                                         'data.partial_labels_seed': 1})
   with pytest.raises(ValueError, match=r'^config.data.partial_labels_seed changed since'):
     train._check_config_change(other_draw, workdir, 2)
+
+
+def test_deep_supervision_losses_are_masked_too():
+  """PAD-Net's initial predictions: a task without labelled images adds 0 there too."""
+  from cmtdp_jax import steps  # pylint: disable=import-outside-toplevel
+  config = tiny_config(**{'model.framework': 'padnet', 'tasks': ('semseg', 'depth', 'normals')})
+  components = steps.build(config)
+  state = jax.jit(components.init)(steps.init_key(0))
+  batch = dict(make_batch(config), labelled=LABELLED)
+  losses = jax.jit(lambda b: steps.compute_losses(
+      components.trainer, state.params, state.batch_stats, b, jax.random.key(0))[1][1])
+  metrics = losses(batch)
+  assert metrics['aux_loss/normals/initial'] == 0.0 and metrics['loss/normals'] == 0.0
+  assert metrics['aux_loss/depth/initial'] > 0
+  full = losses(make_batch(config))
+  assert full['aux_loss/normals/initial'] > 0
+  assert full['aux_loss/depth/initial'] != metrics['aux_loss/depth/initial']
