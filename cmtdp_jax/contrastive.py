@@ -1,6 +1,7 @@
 """Cross-task contrastive regularizer (Yang, Ye, Xu, AAAI 2023).
 
-At every step each target task t draws one source task s != t. The source's
+At every step each target task t draws one source task s != t (with partially
+annotated batches, one per image among the tasks labelled on it). The source's
 ground truth decides which pixel pairs are positive or negative; a projector
 Proj_{t,s} maps t's decoder features to unit embeddings; sampled (anchor,
 positive, negative) pixels feed a triplet loss. The regularizer only exists at
