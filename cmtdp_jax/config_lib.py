@@ -9,15 +9,14 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import os
 
 import ml_collections
 from absl import logging
 
 from cmtdp_jax import contrastive
 from cmtdp_jax import data as data_lib
+from cmtdp_jax import label_mapping
 from cmtdp_jax import tasks as tasks_lib
-from cmtdp_jax.data import label_mapping
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -50,7 +49,7 @@ def base_config() -> ml_collections.ConfigDict:
   config.data.augment.photometric = True
   # PASCAL: a crop without any part pixel gets all-ignore human_parts labels (ATRC).
   config.data.augment.parts_need_person = False
-  # Partially annotated training (data/label_mapping.py): which tasks each training image
+  # Partially annotated training (label_mapping.py): which tasks each training image
   # keeps, '' (all), 'one_label' or 'random' (each task with probability label_fraction, at
   # least one), drawn from partial_labels_seed (not config.seed); or label_mapping = a JSON
   # file {image_id: [tasks]}. The run's mapping is written to <workdir>/label_mapping.json.
@@ -216,27 +215,11 @@ def validate(config, num_devices: int) -> None:
   if height < 32 or width < 32:
     raise ValueError(f'config.data.crop_size {tuple(config.data.crop_size)} is smaller '
                      'than the output stride 32')
-  _check_partial_labels(config.data)
+  label_mapping.check_config(config.data)
   augment = config.data.augment
   if not 0 < augment.min_scale <= augment.max_scale:
     raise ValueError(f'config.data.augment scales ({augment.min_scale}, {augment.max_scale}) '
                      'must satisfy 0 < min_scale <= max_scale')
-
-
-def _check_partial_labels(data_config) -> None:
-  mode = data_config.partial_labels
-  if mode not in label_mapping.MODES:
-    raise ValueError(f"config.data.partial_labels: unknown mode '{mode}' "
-                     f"(valid: {', '.join(repr(m) for m in label_mapping.MODES)})")
-  if not 0 < data_config.label_fraction <= 1:
-    raise ValueError(f'config.data.label_fraction={data_config.label_fraction} must be in '
-                     '(0, 1]')
-  if data_config.label_mapping:
-    if mode:
-      raise ValueError(f"config.data.label_mapping and config.data.partial_labels='{mode}' "
-                       'both choose the labelled tasks: set only one')
-    if not os.path.isfile(data_config.label_mapping):
-      raise ValueError(f'config.data.label_mapping: no such file {data_config.label_mapping}')
 
 
 # Fields a resumed run must share with the run that wrote its checkpoint: with

@@ -158,7 +158,7 @@ def compute_losses(trainer: Trainer, params, batch_stats, batch, rng):
       mutable=['batch_stats', 'intermediates'])
   weights = dict(zip(trainer.task_names, trainer.loss_weights))
   # Partially annotated batches say which images keep each task's label
-  # (data/label_mapping.py); without 'labelled' every image keeps every label.
+  # (label_mapping.py); without 'labelled' every image keeps every label.
   labelled = batch.get('labelled')
   labelled_for = lambda task: None if labelled is None else labelled[task]
   metrics = {}

@@ -31,7 +31,7 @@ from cmtdp_jax import progress
 from cmtdp_jax import sharding
 from cmtdp_jax import steps
 from cmtdp_jax import workdir_lock
-from cmtdp_jax.data import label_mapping
+from cmtdp_jax import label_mapping
 from cmtdp_jax.data import pipeline
 from cmtdp_jax.evaluation import visualize
 from cmtdp_jax.models import convert

@@ -11,7 +11,7 @@ import pytest
 
 from cmtdp_jax import config_lib, contrastive, sharding, tasks, train
 from cmtdp_jax import data as data_lib
-from cmtdp_jax.data import label_mapping
+from cmtdp_jax import label_mapping
 from tests.conftest import tiny_config
 from tests.test_cli import run_main
 from tests.test_contrastive import module_inputs, small_config

@@ -189,7 +189,7 @@ def train_dataset(source: Source, config, start_step: int,
                   label_mapping=None) -> tf.data.Dataset:
   """Endless, deterministic, augmented per-host batches starting at `start_step`.
 
-  With a `label_mapping` ({image id: tasks}, `data.label_mapping`) every batch
+  With a `label_mapping` ({image id: tasks}, `cmtdp_jax.label_mapping`) every batch
   also has 'labelled': {task: bool [batch]}, whether the image keeps that
   task's label; order and augmentation are the same as without.
 

@@ -146,6 +146,23 @@ def describe(mapping: LabelMapping) -> str:
   return f'{len(mapping)} images; labelled per task: {per_task}'
 
 
+def check_config(data_config) -> None:
+  """One-line errors for the partial-label fields of `config.data`."""
+  mode = data_config.partial_labels
+  if mode not in MODES:
+    raise ValueError(f"config.data.partial_labels: unknown mode '{mode}' "
+                     f"(valid: {', '.join(repr(m) for m in MODES)})")
+  if not 0 < data_config.label_fraction <= 1:
+    raise ValueError(f'config.data.label_fraction={data_config.label_fraction} must be in '
+                     '(0, 1]')
+  if data_config.label_mapping:
+    if mode:
+      raise ValueError(f"config.data.label_mapping and config.data.partial_labels='{mode}' "
+                       'both choose the labelled tasks: set only one')
+    if not os.path.isfile(data_config.label_mapping):
+      raise ValueError(f'config.data.label_mapping: no such file {data_config.label_mapping}')
+
+
 def for_run(data_config, tasks: Sequence[str], ids: Sequence[str],
             workdir: str) -> LabelMapping | None:
   """The mapping a run trains on: the one in `workdir` if a previous start wrote
