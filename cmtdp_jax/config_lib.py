@@ -21,6 +21,7 @@ from absl import logging
 
 from cmtdp_jax import contrastive
 from cmtdp_jax import data as data_lib
+from cmtdp_jax import label_mapping
 from cmtdp_jax import tasks as tasks_lib
 
 
@@ -54,6 +55,14 @@ def base_config() -> ml_collections.ConfigDict:
   config.data.augment.photometric = True
   # PASCAL: a crop without any part pixel gets all-ignore human_parts labels (ATRC).
   config.data.augment.parts_need_person = False
+  # Partially annotated training (label_mapping.py): which tasks each training image
+  # keeps, '' (all), 'one_label' or 'random' (each task with probability label_fraction, at
+  # least one), drawn from partial_labels_seed (not config.seed); or label_mapping = a JSON
+  # file {image_id: [tasks]}. The run's mapping is written to <workdir>/label_mapping.json.
+  config.data.partial_labels = ''
+  config.data.label_fraction = 0.5
+  config.data.partial_labels_seed = 0
+  config.data.label_mapping = ''
 
   config.model = ml_collections.ConfigDict()
   config.model.framework = 'baseline'
@@ -300,6 +309,7 @@ def validate(config, num_devices: int) -> None:
   if height < 32 or width < 32:
     raise ValueError(f'config.data.crop_size {tuple(config.data.crop_size)} is smaller '
                      'than the output stride 32')
+  label_mapping.check_config(config.data)
   augment = config.data.augment
   if not 0 < augment.min_scale <= augment.max_scale:
     raise ValueError(f'config.data.augment scales ({augment.min_scale}, {augment.max_scale}) '
@@ -308,6 +318,7 @@ def validate(config, num_devices: int) -> None:
 
 # Fields a resumed run must share with the run that wrote its checkpoint: with
 # another batch size, dataset, task list or model it would not continue that run.
+# 'data' includes the partial-label fields: a resume trains on <workdir>/label_mapping.json.
 RESUME_FIXED = ('batch_size', 'tasks', 'data', 'model')
 # ... except those that only say where the data lives, how fast it is read, what
 # evaluation uses, or what only a fresh run loads.

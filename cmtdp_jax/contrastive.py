@@ -1,6 +1,7 @@
 """Cross-task contrastive regularizer (Yang, Ye, Xu, AAAI 2023).
 
-At every step each target task t draws one source task s != t. The source's
+At every step each target task t draws one source task s != t (with partially
+annotated batches, one per image among the tasks labelled on it). The source's
 ground truth decides which pixel pairs are positive or negative; a projector
 Proj_{t,s} maps t's decoder features to unit embeddings; sampled (anchor,
 positive, negative) pixels feed a triplet loss. The regularizer only exists at
@@ -361,11 +362,32 @@ def resize_labels_nearest(labels, height: int, width: int):
   return labels[:, rows][:, :, cols]
 
 
-def _target_loss(rng, feats, labels, allowed, projectors, cfg):
-  """Draws a source for one target and returns (loss, drawn index, stats)."""
+def _draw_sources(draw_key, allowed, labelled):
+  """Which of `allowed` each image takes its pairs from.
+
+  Without `labelled` one index (a scalar) for the whole batch, uniform over
+  `allowed`. With it ({task: bool [B]}), one index per image [B], uniform over
+  the sources labelled on that image, and `has_source` [B]: False where the
+  image keeps none of them (its index is then arbitrary and its triplets
+  never count).
+  """
+  if labelled is None:
+    return jax.random.randint(draw_key, (), 0, len(allowed)), None
+  available = jnp.stack([labelled[s] for s in allowed], axis=-1)
+  return random_allowed_slot(draw_key, available), jnp.any(available, axis=-1)
+
+
+def _target_loss(rng, feats, labels, allowed, projectors, cfg, labelled=None):
+  """Draws the sources of one target; returns (loss, diagnostics per allowed source).
+
+  A source's diagnostics: 'drawn' (the fraction of images that drew it; 0 or 1
+  without `labelled`), and 'loss', 'd_ap', 'd_an', 'active', 'valid' over the
+  triplets of those images (0 where none did).
+  """
   batch, height, width, channels = feats.shape
   draw_key, sample_key, match_key = jax.random.split(rng, 3)
-  drawn = jax.random.randint(draw_key, (), 0, len(allowed))
+  drawn, has_source = _draw_sources(draw_key, allowed, labelled)
+  per_image = drawn.ndim == 1
 
   flat_labels = {}
   for source in allowed:
@@ -373,7 +395,8 @@ def _target_loss(rng, feats, labels, allowed, projectors, cfg):
     flat_labels[source] = resized.reshape(batch, height * width, *resized.shape[3:])
   # Validity masks are cheap, so pixels are sampled outside the per-source
   # branches, from the drawn source's mask picked by index.
-  valid = jnp.stack([tasks.get_task(s).valid(flat_labels[s]) for s in allowed])[drawn]
+  valid = jnp.stack([tasks.get_task(s).valid(flat_labels[s]) for s in allowed])
+  valid = valid[drawn, jnp.arange(batch)] if per_image else valid[drawn]
   anchors, pool = jax.vmap(lambda key, image_valid: sample_pixels(
       key, image_valid, num_anchors=cfg.num_anchors, pool_size=cfg.pool_size))(
           jax.random.split(sample_key, batch), valid)
@@ -385,10 +408,18 @@ def _target_loss(rng, feats, labels, allowed, projectors, cfg):
               flat_labels[source], anchors, pool)
     return masks
 
-  pos, neg = jax.lax.switch(drawn, [masks_from(s) for s in allowed], anchors, pool)
+  if per_image:  # a switch per image: batched, it computes every source's masks
+    branches = [lambda image_labels, a, p, s=s: _candidate_masks(
+        s, image_labels[s], a, p, cfg.thresholds) for s in allowed]
+    pos, neg = jax.vmap(lambda index, *image: jax.lax.switch(index, branches, *image))(
+        drawn, flat_labels, anchors, pool)
+  else:
+    pos, neg = jax.lax.switch(drawn, [masks_from(s) for s in allowed], anchors, pool)
 
   stacked = jax.tree.map(lambda *p: jnp.stack(p), *projectors)
   projector = jax.tree.map(lambda p: p[drawn], stacked)
+  if per_image:  # per-image weights [B, C, D]; biases [B, 1, D] broadcast over pixels
+    projector = jax.tree.map(lambda p: p[:, None] if p.ndim == 2 else p, projector)
   pixels = jnp.concatenate([anchors, pool], axis=1)
   gathered = jnp.take_along_axis(feats.reshape(batch, height * width, channels),
                                  pixels[..., None], axis=1)
@@ -402,9 +433,28 @@ def _target_loss(rng, feats, labels, allowed, projectors, cfg):
       pool_embeddings=pool_emb, distance=cfg.distance)
   positive_emb = jnp.take_along_axis(pool_emb, positive[..., None], axis=1)
   negative_emb = jnp.take_along_axis(pool_emb, negative[..., None], axis=1)
-  loss, stats = _triplet_terms(anchor_emb, positive_emb, negative_emb, valid, cfg.margin,
-                               cfg.distance)
-  return loss, drawn, stats
+  terms = lambda counted: _triplet_terms(anchor_emb, positive_emb, negative_emb, counted,
+                                         cfg.margin, cfg.distance)
+  if not per_image:
+    loss, stats = terms(valid)
+    diagnostics = []
+    for index in range(len(allowed)):
+      is_drawn = drawn == index
+      diagnostics.append({'drawn': is_drawn.astype(jnp.float32),
+                          'loss': jnp.where(is_drawn, loss, 0.0),
+                          **{k: jnp.where(is_drawn, v, 0.0) for k, v in stats.items()}})
+    return loss, diagnostics
+  valid = valid & has_source[:, None]  # an image without a labelled source has no triplet
+  loss, _ = terms(valid)
+  diagnostics = []
+  for index in range(len(allowed)):
+    drew = (drawn == index) & has_source
+    counted = valid & drew[:, None]
+    source_loss, stats = terms(counted)
+    stats['valid'] = jnp.sum(counted) / jnp.maximum(jnp.sum(drew) * cfg.num_anchors, 1)
+    diagnostics.append({'drawn': jnp.mean(drew.astype(jnp.float32)), 'loss': source_loss,
+                        **stats})
+  return loss, diagnostics
 
 
 class CrossTaskContrastive(nn.Module):
@@ -438,7 +488,8 @@ class CrossTaskContrastive(nn.Module):
     return source_options(self.targets, self.sources, self.config)
 
   @nn.compact
-  def __call__(self, features: Mapping[str, jax.Array], labels: Mapping[str, jax.Array], rng):
+  def __call__(self, features: Mapping[str, jax.Array], labels: Mapping[str, jax.Array], rng,
+               labelled: Mapping[str, jax.Array] | None = None):
     """Regularizer loss and diagnostics for one training step.
 
     Args:
@@ -446,14 +497,21 @@ class CrossTaskContrastive(nn.Module):
       labels: source -> labels per `tasks` conventions, at any resolution
         (resized here by nearest neighbour to each target's h_t, w_t).
       rng: PRNG key of this step; drives the source draws and the sampling.
+      labelled: partially annotated batches, source -> bool [B], whether the
+        image keeps that task's label. Each image then draws its own source
+        among the sources labelled on it (the target's own label is never
+        needed), and an image without any contributes no triplet. None (every
+        label present): one source per target for the whole batch.
     Returns:
       (loss, diagnostics). loss: mean over targets of the triplet loss (the
       caller multiplies by `config.weight`). diagnostics: flat dict of scalars
-      per allowed pair, 't<-s/drawn' (1.0 if t drew s this step, else 0.0),
+      per allowed pair, 't<-s/drawn' (1.0 if t drew s this step, else 0.0;
+      with `labelled` the fraction of the images that drew s),
       't<-s/loss', 't<-s/d_ap', 't<-s/d_an' (means over valid triplets),
       't<-s/active' (fraction of valid triplets with a non-zero loss) and
-      't<-s/valid' (fraction of anchors that formed a triplet). Undrawn pairs
-      report 0 for all but 'drawn'; average over steps with 'drawn' as weight.
+      't<-s/valid' (fraction of anchors that formed a triplet), all over the
+      images that drew s. Undrawn pairs report 0 for all but 'drawn'; average
+      over steps with 'drawn' as weight.
     """
     for task in (*self.targets, *self.sources):
       tasks.get_task(task)
@@ -464,18 +522,17 @@ class CrossTaskContrastive(nn.Module):
       missing = [s for s in allowed if s not in labels]
       if missing:
         raise ValueError(f'contrastive regularizer: no labels for sources {missing}')
+      missing = [s for s in allowed if labelled is not None and s not in labelled]
+      if missing:
+        raise ValueError(f'contrastive regularizer: no labelled masks for sources {missing}')
       feats = features[target].astype(jnp.float32)
       projectors = [self.param(pair_name(target, s), _init_projector, feats.shape[-1],
                                self.config.embed_dim) for s in allowed]
       target_rng = jax.random.fold_in(rng, list(self.targets).index(target))
-      loss, drawn, stats = _target_loss(target_rng, feats, labels, allowed, projectors,
-                                        self.config)
+      loss, per_source = _target_loss(target_rng, feats, labels, allowed, projectors,
+                                      self.config, labelled)
       losses.append(loss)
-      for index, source in enumerate(allowed):
-        is_drawn = drawn == index
-        name = pair_name(target, source)
-        diagnostics[f'{name}/drawn'] = is_drawn.astype(jnp.float32)
-        diagnostics[f'{name}/loss'] = jnp.where(is_drawn, loss, 0.0)
-        for key, value in stats.items():
-          diagnostics[f'{name}/{key}'] = jnp.where(is_drawn, value, 0.0)
+      for source, values in zip(allowed, per_source):
+        for key, value in values.items():
+          diagnostics[f'{pair_name(target, source)}/{key}'] = value
     return jnp.mean(jnp.stack(losses)), jax.lax.stop_gradient(diagnostics)

@@ -157,23 +157,28 @@ def compute_losses(trainer: Trainer, params, batch_stats, batch, rng):
       {'params': params['model'], 'batch_stats': batch_stats}, batch['image'], train=True,
       mutable=['batch_stats', 'intermediates'])
   weights = dict(zip(trainer.task_names, trainer.loss_weights))
+  # Partially annotated batches say which images keep each task's label
+  # (label_mapping.py); without 'labelled' every image keeps every label.
+  labelled = batch.get('labelled')
+  labelled_for = lambda task: None if labelled is None else labelled[task]
   metrics = {}
   total = 0.0
   for task in trainer.task_names:
     loss = tasks_lib.get_task(task).compute_loss(predictions[task], batch[task],
-                                                 trainer.loss_options[task])
+                                                 trainer.loss_options[task], labelled_for(task))
     metrics[f'loss/{task}'] = loss
     total = total + weights[task] * loss
   # Deep supervision: every sown auxiliary prediction gets its task's loss and weight.
   for key, raw in aux_predictions(updates.get('intermediates', {})).items():
     task = key.split('/', 1)[0]
-    loss = tasks_lib.get_task(task).compute_loss(raw, batch[task], trainer.loss_options[task])
+    loss = tasks_lib.get_task(task).compute_loss(raw, batch[task], trainer.loss_options[task],
+                                                 labelled_for(task))
     metrics[f'aux_loss/{key}'] = loss
     total = total + weights[task] * loss
   if trainer.regularizer is not None:
     labels = {t: batch[t] for t in trainer.task_names}
     reg_loss, diagnostics = trainer.regularizer.apply(
-        {'params': params['contrastive']}, features, labels, rng)
+        {'params': params['contrastive']}, features, labels, rng, labelled)
     metrics['loss/contrastive'] = reg_loss
     metrics.update({f'contrastive/{k}': v for k, v in diagnostics.items()})
     total = total + trainer.regularizer_weight * reg_loss

@@ -157,7 +157,7 @@ class Task:
     channels: fixed output channels, or None when the dataset sets the number
       of classes (semseg, human_parts).
     loss_weight: default weight of the loss in the total (SPEC section 3).
-    loss: (raw, labels, valid, options) -> scalar mean loss.
+    loss: (raw, labels, valid, options) -> scalar mean loss over `valid` pixels.
     decode: raw output -> task-space prediction.
     valid: labels -> boolean validity mask [B, H, W].
     colourize: task-space map (numpy) -> uint8 RGB.
@@ -178,8 +178,15 @@ class Task:
       raise ValueError(f"dataset does not define num_classes for task '{self.name}'")
     return num_classes[self.name]
 
-  def compute_loss(self, raw, labels, options=None):
-    return self.loss(raw, labels, self.valid(labels), dict(options or {}))
+  def compute_loss(self, raw, labels, options=None, labelled=None):
+    """The task's loss over its valid pixels; with `labelled` (bool [B], partially
+    annotated training) only over the images that keep this task's label, so the
+    mean (and a batch-balanced weight) pools those images alone, and a batch
+    without any gives exactly 0 with a zero gradient."""
+    valid = self.valid(labels)
+    if labelled is not None:
+      valid = valid & labelled.reshape(labelled.shape + (1,) * (valid.ndim - 1))
+    return self.loss(raw, labels, valid, dict(options or {}))
 
 
 def _argmax(raw):

@@ -31,6 +31,7 @@ from cmtdp_jax import progress
 from cmtdp_jax import sharding
 from cmtdp_jax import steps
 from cmtdp_jax import workdir_lock
+from cmtdp_jax import label_mapping
 from cmtdp_jax.data import pipeline
 from cmtdp_jax.evaluation import scoring
 from cmtdp_jax.evaluation import visualize
@@ -157,6 +158,25 @@ def _load_pretrained_backbone(state, model_config, state_sharding):
   return jax.device_put(state.replace(params=params, batch_stats=batch_stats), state_sharding)
 
 
+def _label_mapping(config, workdir, train_source, is_chief):
+  """The tasks each training image keeps (None: all), `label_mapping.FILENAME` in
+  `workdir`: written by process 0 at the first start, read back by every resume."""
+  path = os.path.join(workdir, label_mapping.FILENAME)
+  existed = os.path.exists(path)
+  mapping = label_mapping.for_run(config.data, config.tasks, pipeline.split_ids(train_source),
+                                  workdir)
+  if mapping is None:
+    if existed:
+      logging.warning('%s is not used: this start trains on all labels', path)
+    return None
+  if not existed and is_chief:
+    label_mapping.save(workdir, mapping)
+  logging.info('Label mapping %s %s (sha256 %s): %s', path,
+               'read back' if existed else 'written', label_mapping.sha256(mapping),
+               label_mapping.describe(mapping))
+  return mapping
+
+
 def train_and_evaluate(config, workdir: str) -> dict[str, float]:
   """Trains `config` in `workdir` (resuming if possible); returns final eval results.
 
@@ -187,9 +207,10 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
     train_step = steps.make_train_step(trainer, state_sharding, batch_sharding,
                                        sharding.replicated(mesh))
     train_source = pipeline.open_split(config.data, spec.train_split, config.tasks)
+    mapping = _label_mapping(config, workdir, train_source, is_chief)
     eval_source = pipeline.open_eval_split(config)
     batches = pipeline.global_batches(
-        pipeline.train_dataset(train_source, config, start_step), batch_sharding,
+        pipeline.train_dataset(train_source, config, start_step, mapping), batch_sharding,
         config.data.device_prefetch)
     preemption = _Preemption(checkpointer)
     logging.info('Training %s on %s for %d steps (from %d), %d devices, global batch %d',

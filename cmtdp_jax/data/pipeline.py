@@ -129,6 +129,40 @@ def _read(source: Source, split: str, with_id: bool = False):
   return ds.map(lambda r: {k: r[feature] for k, feature in keys.items()})
 
 
+def _with_ids(records: tf.data.Dataset) -> tf.data.Dataset:
+  """`records` of a whole split with an 'id' each: the dataset's own, or for datasets
+  without one (synthetic) the record's position in the split, '%05d' (`label_mapping`)."""
+  if 'id' in records.element_spec:
+    return records
+  return records.enumerate().map(
+      lambda position, r: dict(r, id=tf.strings.as_string(position, width=5, fill='0')))
+
+
+def split_ids(source: Source) -> list[str]:
+  """The ids of `source.split`'s images in stored order (see `_with_ids`)."""
+  if 'id' not in source.builder.info.features:
+    return [f'{position:05d}' for position in range(source.num_examples)]
+  records = source.builder.as_dataset(
+      split=source.split, shuffle_files=False,
+      decoders={k: tfds.decode.SkipDecoding() for k in source.builder.info.features},
+      read_config=tfds.ReadConfig(interleave_cycle_length=1))
+  return [i.decode() for i in records.map(lambda r: r['id']).as_numpy_iterator()]
+
+
+def _labelled_lookup(mapping, task_names):
+  """record id -> {task: whether its label is kept}, a static table in the graph."""
+  ids = sorted(mapping)
+  table = tf.lookup.StaticHashTable(
+      tf.lookup.KeyValueTensorInitializer(tf.constant(ids), tf.range(len(ids), dtype=tf.int64)),
+      default_value=-1)
+  kept = tf.constant([[t in mapping[i] for t in task_names] for i in ids], tf.bool)
+
+  def lookup(image_id):
+    row = tf.gather(kept, table.lookup(image_id))  # an unknown id (-1) fails here
+    return {t: row[j] for j, t in enumerate(task_names)}
+  return lookup
+
+
 def decoded_examples(source: Source, split: str | None = None) -> tf.data.Dataset:
   """The split's examples in order, decoded and not augmented (tools and tests)."""
   return _read(source, split or source.split).map(_decoder(source))
@@ -139,8 +173,13 @@ def steps_per_epoch(source: Source, global_batch: int) -> int:
   return max(source.num_examples // global_batch, 1)
 
 
-def train_dataset(source: Source, config, start_step: int) -> tf.data.Dataset:
+def train_dataset(source: Source, config, start_step: int,
+                  label_mapping=None) -> tf.data.Dataset:
   """Endless, deterministic, augmented per-host batches starting at `start_step`.
+
+  With a `label_mapping` ({image id: tasks}, `cmtdp_jax.label_mapping`) every batch
+  also has 'labelled': {task: bool [batch]}, whether the image keeps that
+  task's label; order and augmentation are the same as without.
 
   The sample order is global: every host shuffles the whole split with the
   same seed and keeps its own rows of each global batch, before decoding. So
@@ -153,7 +192,10 @@ def train_dataset(source: Source, config, start_step: int) -> tf.data.Dataset:
   process = jax.process_index()
   per_epoch = steps_per_epoch(source, global_batch)
   samples_per_epoch = per_epoch * global_batch
-  records = _read(source, source.split)
+  records = _read(source, source.split, with_id=label_mapping is not None)
+  if label_mapping is not None:
+    records = _with_ids(records)
+    labelled = _labelled_lookup(label_mapping, source.tasks)
   if config.data.cache:
     records = records.cache()
   if source.num_examples < samples_per_epoch:
@@ -174,7 +216,10 @@ def train_dataset(source: Source, config, start_step: int) -> tf.data.Dataset:
 
   def transform(position, record):
     seed = tf.stack([tf.constant(config.seed, tf.int64), position])
-    return augment.train_transform(decode(record), seed, config.data.augment, crop)
+    example = augment.train_transform(decode(record), seed, config.data.augment, crop)
+    if label_mapping is not None:
+      example['labelled'] = labelled(record['id'])
+    return example
 
   options = tf.data.Options()
   options.deterministic = True

@@ -1,0 +1,179 @@
+"""Which tasks are labelled on which training image (partially annotated training).
+
+A label mapping is `{image_id: (task, ...)}` over every image of the train
+split: the tasks whose labels the losses and the regularizer may use on that
+image (`steps.compute_losses`, `contrastive.CrossTaskContrastive`); evaluation
+always uses every label. `config.data.partial_labels` draws one:
+
+  'one_label'  each image keeps exactly one task; a permutation of the ids
+               (seeded) is dealt round-robin over the tasks in sorted order,
+               so the task counts differ by at most one (MTPSL / DiffusionMTL's
+               one-label setting).
+  'random'     each task is kept independently with probability
+               `config.data.label_fraction`; an image that kept none gets one
+               task drawn uniformly, so every image has at least one.
+
+Draws depend only on the split's ids, the set of tasks and
+`config.data.partial_labels_seed` (not on `config.seed`, so that runs with
+different training seeds share a mapping). `config.data.label_mapping=PATH`
+reads a user's mapping in the same format instead; it must name every training
+image (a missing one is an error, not silently unlabelled).
+
+A run keeps its mapping in `<workdir>/label_mapping.json` (`FILENAME`): a JSON
+object from image id to its sorted task list, keys sorted, written once at the
+first start; a resume reads it back. Image ids are the dataset's 'id' feature
+(NYUD, PASCAL-Context: the file names) or, for datasets without one (the
+synthetic world), the position of the image in the stored split, '%05d' (the
+names evaluation gives its outputs too). This module imports no TensorFlow.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+MODES = ('', 'one_label', 'random')
+FILENAME = 'label_mapping.json'
+
+LabelMapping = dict[str, tuple[str, ...]]
+
+
+def draw(ids: Sequence[str], tasks: Sequence[str], mode: str, fraction: float = 0.5,
+         seed: int = 0) -> LabelMapping:
+  """A mapping of `mode` ('one_label' or 'random') over `ids`, deterministic in `seed`."""
+  ids, tasks = sorted(ids), sorted(tasks)
+  rng = np.random.default_rng(seed)
+  if mode == 'one_label':
+    kept = np.zeros((len(ids), len(tasks)), bool)
+    order = rng.permutation(len(ids))
+    kept[order, np.arange(len(ids)) % len(tasks)] = True
+  elif mode == 'random':
+    kept = rng.random((len(ids), len(tasks))) < fraction
+    empty = np.flatnonzero(~kept.any(axis=1))
+    kept[empty, rng.integers(0, len(tasks), len(empty))] = True
+  else:
+    raise ValueError(f"config.data.partial_labels: unknown mode '{mode}' "
+                     f"(valid: {', '.join(repr(m) for m in MODES)})")
+  return {i: tuple(t for t, k in zip(tasks, row) if k) for i, row in zip(ids, kept)}
+
+
+def validate(values, ids: Sequence[str], tasks: Sequence[str], path: str) -> LabelMapping:
+  """`values` (parsed JSON of file `path`) as a mapping over exactly `ids`, or a
+  one-line ValueError naming the file and the first offending id or task."""
+  if not isinstance(values, dict):
+    raise ValueError(f'{path}: a label mapping is a JSON object {{image_id: [tasks]}}, '
+                     f'got {type(values).__name__}')
+  known = set(ids)
+  mapping = {}
+  for image_id, image_tasks in sorted(values.items()):
+    if image_id not in known:
+      raise ValueError(f"{path}: image id '{image_id}' is not in the train split "
+                       f'({len(known)} images)')
+    if not isinstance(image_tasks, list) or not all(isinstance(t, str) for t in image_tasks):
+      raise ValueError(f"{path}: image '{image_id}' maps to {image_tasks!r}, not a list of "
+                       'task names')
+    if not image_tasks:
+      raise ValueError(f"{path}: image '{image_id}' has no task; leave an image out of "
+                       'training by removing it from the split instead')
+    for task in image_tasks:
+      if task not in tasks:
+        raise ValueError(f"{path}: image '{image_id}' names task '{task}', which is not in "
+                         f"config.tasks ({', '.join(tasks)})")
+    mapping[image_id] = tuple(sorted(set(image_tasks)))
+  missing = [i for i in ids if i not in mapping]
+  if missing:
+    raise ValueError(f"{path}: {len(missing)} of the {len(known)} training images are "
+                     f"missing (the first: '{missing[0]}'); every image needs its task list")
+  return mapping
+
+
+def read(path: str, ids: Sequence[str], tasks: Sequence[str]) -> LabelMapping:
+  """The mapping in JSON file `path`, checked against the split's `ids` and `tasks`."""
+  try:
+    with open(path) as f:
+      values = json.load(f)
+  except OSError as e:
+    raise ValueError(f'{path}: cannot read the label mapping ({e.strerror})') from None
+  except ValueError as e:
+    raise ValueError(f'{path}: not valid JSON ({e})') from None
+  return validate(values, ids, tasks, path)
+
+
+def _text(mapping: Mapping[str, Sequence[str]]) -> str:
+  return json.dumps({i: list(t) for i, t in mapping.items()}, sort_keys=True, indent=1)
+
+
+def sha256(mapping: Mapping[str, Sequence[str]]) -> str:
+  """Hex digest of the mapping's file contents (the same for the same mapping)."""
+  return hashlib.sha256(_text(mapping).encode()).hexdigest()
+
+
+def save(workdir: str, mapping: Mapping[str, Sequence[str]]) -> str:
+  """Writes `<workdir>/label_mapping.json` whole or not at all; returns its path."""
+  from cmtdp_jax.evaluation import report  # pylint: disable=import-outside-toplevel
+  path = os.path.join(workdir, FILENAME)
+  report.write_results(path, {i: list(t) for i, t in mapping.items()}, sort_keys=True,
+                       indent=1)
+  return path
+
+
+def load(workdir: str) -> LabelMapping | None:
+  """The mapping a run in `workdir` trained on, or None (it trained on all labels)."""
+  path = os.path.join(workdir, FILENAME)
+  if not os.path.exists(path):
+    return None
+  try:
+    with open(path) as f:
+      values = json.load(f)
+  except ValueError as e:
+    raise ValueError(f'{path}: not valid JSON ({e})') from None
+  if not isinstance(values, dict):
+    raise ValueError(f'{path}: a label mapping is a JSON object {{image_id: [tasks]}}')
+  return {i: tuple(t) for i, t in sorted(values.items())}
+
+
+def describe(mapping: LabelMapping) -> str:
+  """'N images, task: count, ...' for the log line."""
+  counts = {}
+  for image_tasks in mapping.values():
+    for task in image_tasks:
+      counts[task] = counts.get(task, 0) + 1
+  per_task = ', '.join(f'{t} {n}' for t, n in sorted(counts.items()))
+  return f'{len(mapping)} images; labelled per task: {per_task}'
+
+
+def check_config(data_config) -> None:
+  """One-line errors for the partial-label fields of `config.data`."""
+  mode = data_config.partial_labels
+  if mode not in MODES:
+    raise ValueError(f"config.data.partial_labels: unknown mode '{mode}' "
+                     f"(valid: {', '.join(repr(m) for m in MODES)})")
+  if not 0 < data_config.label_fraction <= 1:
+    raise ValueError(f'config.data.label_fraction={data_config.label_fraction} must be in '
+                     '(0, 1]')
+  if data_config.label_mapping:
+    if mode:
+      raise ValueError(f"config.data.label_mapping and config.data.partial_labels='{mode}' "
+                       'both choose the labelled tasks: set only one')
+    if not os.path.isfile(data_config.label_mapping):
+      raise ValueError(f'config.data.label_mapping: no such file {data_config.label_mapping}')
+
+
+def for_run(data_config, tasks: Sequence[str], ids: Sequence[str],
+            workdir: str) -> LabelMapping | None:
+  """The mapping a run trains on: the one in `workdir` if a previous start wrote
+  it, else the user's file or a fresh draw as `data_config` says; None for all
+  labels. Does not write anything (`save`)."""
+  if not data_config.partial_labels and not data_config.label_mapping:
+    return None
+  saved_path = os.path.join(workdir, FILENAME)
+  if os.path.exists(saved_path):
+    return read(saved_path, ids, tasks)
+  if data_config.label_mapping:
+    return read(data_config.label_mapping, ids, tasks)
+  return draw(ids, tasks, data_config.partial_labels, data_config.label_fraction,
+              data_config.partial_labels_seed)

@@ -1,0 +1,410 @@
+"""Partially annotated training (issue 21): label mappings, masked task losses, the
+regularizer's per-image sources, the pipeline's 'labelled' masks and a run end to end."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cmtdp_jax import config_lib, contrastive, sharding, tasks, train
+from cmtdp_jax import data as data_lib
+from cmtdp_jax import label_mapping
+from tests.conftest import tiny_config
+from tests.test_cli import run_main
+from tests.test_contrastive import module_inputs, small_config
+from tests.test_train_step import build, make_batch
+
+IDS = [f'img{i:03d}' for i in range(103)]
+SIX = data_lib.ALL_TASKS
+
+
+# ------------------------------------------------------------------ drawing
+
+
+def test_one_label_keeps_one_task_per_image_balanced_and_seeded():
+  mapping = label_mapping.draw(IDS, SIX, 'one_label', seed=3)
+  assert sorted(mapping) == IDS and all(len(t) == 1 for t in mapping.values())
+  counts = np.bincount([SIX.index(t[0]) for t in mapping.values()], minlength=len(SIX))
+  assert counts.max() - counts.min() <= 1 and counts.sum() == len(IDS)
+  assert label_mapping.draw(IDS[::-1], SIX[::-1], 'one_label', seed=3) == mapping
+  assert label_mapping.draw(IDS, SIX, 'one_label', seed=4) != mapping
+
+
+def test_random_keeps_each_task_at_the_fraction_and_at_least_one():
+  ids = [str(i) for i in range(3000)]
+  mapping = label_mapping.draw(ids, ('depth', 'semseg', 'sal'), 'random', 0.3, seed=0)
+  assert all(1 <= len(t) <= 3 and list(t) == sorted(t) for t in mapping.values())
+  kept = {t: np.mean([t in image for image in mapping.values()]) for t in ('depth', 'semseg')}
+  expected = 0.3 + 0.7 ** 3 / 3  # independent draws, plus one task for the empty images
+  for fraction in kept.values():
+    assert abs(fraction - expected) < 0.03
+  assert label_mapping.draw(ids, ('depth', 'semseg', 'sal'), 'random', 0.3, seed=0) == mapping
+  assert label_mapping.draw(ids, ('depth', 'semseg', 'sal'), 'random', 0.3, seed=1) != mapping
+  full = label_mapping.draw(ids, SIX, 'random', 1.0, seed=0)
+  assert set(full.values()) == {tuple(sorted(SIX))}
+
+
+@pytest.mark.parametrize('content, message', [
+    ('{"a": ["depth"],', 'not valid JSON'),
+    ('["a"]', 'JSON object'),
+    ('{"a": ["depth"], "b": ["depth"], "zz": ["depth"]}', "image id 'zz' is not in the train"),
+    ('{"a": ["depth"], "b": ["flow"]}', "image 'b' names task 'flow'"),
+    ('{"a": ["depth"], "b": ["sal"]}', "task 'sal', which is not in config.tasks"),
+    ('{"a": ["depth"], "b": []}', "image 'b' has no task"),
+    ('{"a": "depth", "b": ["depth"]}', "image 'a' maps to 'depth'"),
+    ('{"b": ["depth"]}', "1 of the 2 training images are missing \\(the first: 'a'\\)"),
+])
+def test_user_mapping_errors_are_one_line_naming_the_file(tmp_path, content, message):
+  path = tmp_path / 'mine.json'
+  path.write_text(content)
+  with pytest.raises(ValueError, match=message) as error:
+    label_mapping.read(str(path), ['a', 'b'], ('semseg', 'depth'))
+  assert str(error.value).startswith(f'{path}: ') and '\n' not in str(error.value)
+
+
+def test_user_mapping_is_read_sorted(tmp_path):
+  path = tmp_path / 'mine.json'
+  path.write_text('{"b": ["semseg", "depth"], "a": ["depth", "depth"]}')
+  assert label_mapping.read(str(path), ['a', 'b'], ('semseg', 'depth')) == {
+      'a': ('depth',), 'b': ('depth', 'semseg')}
+
+
+@pytest.mark.parametrize('overrides, message', [
+    ({'data.partial_labels': 'half'}, "config.data.partial_labels: unknown mode 'half'"),
+    ({'data.partial_labels': 'random', 'data.label_fraction': 0.0},
+     'config.data.label_fraction=0.0'),
+    ({'data.partial_labels': 'random', 'data.label_mapping': __file__}, 'set only one'),
+    ({'data.label_mapping': '/nonexistent.json'}, 'config.data.label_mapping: no such file'),
+])
+def test_config_errors_name_the_field(overrides, message):
+  with pytest.raises(ValueError, match=message) as error:
+    config_lib.validate(tiny_config(**overrides), 8)
+  assert '\n' not in str(error.value)
+
+
+def test_partial_label_fields_are_fixed_on_resume():
+  for field in ('partial_labels', 'label_fraction', 'partial_labels_seed', 'label_mapping'):
+    assert field in config_lib.base_config().data
+    assert config_lib.fixed_on_resume(f'data.{field}')
+
+
+# ------------------------------------------------------------------- losses
+
+
+def _log_sigmoid(x):
+  return -np.logaddexp(0.0, -x)
+
+
+def reference_loss(task, raw, labels, labelled, options):
+  """NumPy: the loss over the valid pixels of the labelled images only."""
+  raw, labels = np.asarray(raw, np.float64)[labelled], np.asarray(labels)[labelled]
+  if task in ('semseg', 'human_parts'):
+    valid = labels != 255
+    logp = raw - np.log(np.sum(np.exp(raw), -1, keepdims=True))
+    per_pixel = -np.take_along_axis(logp, np.where(valid, labels, 0)[..., None], -1)[..., 0]
+  elif task in ('sal', 'edge'):
+    valid = labels != 255
+    positive = (labels == 1) & valid
+    weight = options.get('pos_weight', 1.0 - positive.sum() / max(valid.sum(), 1))
+    x = raw[..., 0]
+    per_pixel = -(weight * positive * _log_sigmoid(x) + (1 - weight) * (labels == 0) *
+                  _log_sigmoid(-x))
+  elif task == 'depth':
+    valid = labels > 0
+    per_pixel = np.abs(raw[..., 0] - labels)
+  else:
+    valid = np.sum(labels * labels, -1) > 1e-6
+    unit = raw / np.linalg.norm(raw, axis=-1, keepdims=True)
+    per_pixel = np.sum(np.abs(unit - labels), -1)
+  return np.sum(per_pixel * valid) / max(valid.sum(), 1)
+
+
+def random_task_batch(task, rs, batch=4, size=6):
+  if task in ('semseg', 'human_parts'):
+    labels = np.where(rs.rand(batch, size, size) < 0.2, 255, rs.randint(0, 5, (batch, size, size)))
+    raw = rs.randn(batch, size, size, 5)
+  elif task in ('sal', 'edge'):
+    labels = np.where(rs.rand(batch, size, size) < 0.2, 255, rs.rand(batch, size, size) < 0.3)
+    labels[0] = 1  # images with different class balances: the batch weight depends on which
+    raw = rs.randn(batch, size, size, 1)
+  elif task == 'depth':
+    labels = np.where(rs.rand(batch, size, size) < 0.2, 0.0, rs.uniform(1, 5, (batch, size, size)))
+    raw = rs.uniform(0, 5, (batch, size, size, 1))
+  else:
+    labels = rs.randn(batch, size, size, 3)
+    labels /= np.linalg.norm(labels, axis=-1, keepdims=True)
+    labels[rs.rand(batch, size, size) < 0.2] = 0.0
+    raw = rs.randn(batch, size, size, 3)
+  dtype = np.float32 if task in ('depth', 'normals') else np.int32
+  return jnp.asarray(raw, jnp.float32), jnp.asarray(labels.astype(dtype))
+
+
+@pytest.mark.parametrize('task', SIX)
+def test_task_losses_pool_only_labelled_images(task):
+  rs = np.random.RandomState(SIX.index(task))
+  raw, labels = random_task_batch(task, rs)
+  spec = tasks.get_task(task)
+  for options in ({}, {'pos_weight': 0.8}) if task in ('sal', 'edge') else ({},):
+    loss = jax.jit(lambda r, l, m, o=options: spec.compute_loss(r, labels, o, m))
+    for labelled in ([True, False, True, False], [False, True, True, True]):
+      labelled = np.array(labelled)
+      np.testing.assert_allclose(loss(raw, labels, labelled),
+                                 reference_loss(task, raw, labels, labelled, options),
+                                 rtol=2e-5)
+    # A batch without any labelled image: exactly 0, and no gradient.
+    none = np.zeros(4, bool)
+    value, grad = jax.value_and_grad(loss)(raw, labels, none)
+    assert value == 0.0 and np.all(np.asarray(grad) == 0.0)
+    assert float(loss(raw, labels, none)) != float(spec.compute_loss(raw, labels, options))
+
+
+# -------------------------------------------------------------- regularizer
+
+
+def test_source_draws_are_per_image_among_labelled_tasks():
+  allowed = ('depth', 'normals', 'sal')
+  labelled = {'depth': np.array([1, 1, 0, 0, 1, 0, 1], bool),
+              'normals': np.array([1, 0, 1, 0, 1, 0, 1], bool),
+              'sal': np.array([0, 0, 0, 0, 1, 0, 0], bool)}
+  available = np.stack([labelled[s] for s in allowed], -1)
+  draw = jax.jit(lambda key: contrastive._draw_sources(key, allowed, labelled))
+  draws = np.stack([draw(jax.random.key(seed))[0] for seed in range(600)])
+  np.testing.assert_array_equal(draw(jax.random.key(0))[1], available.any(-1))
+  for image in np.flatnonzero(available.any(-1)):
+    counts = np.bincount(draws[:, image], minlength=3)
+    assert np.all(counts[~available[image]] == 0)  # only labelled sources
+    expected = 600 / available[image].sum()
+    assert np.all(np.abs(counts[available[image]] - expected) < 5 * np.sqrt(expected))
+  assert 200 < np.sum(draws[:, 0] != draws[:, 6]) < 400  # images 0 and 6 draw independently
+
+
+@pytest.fixture(scope='module')
+def three_task_module():
+  module = contrastive.CrossTaskContrastive(('semseg', 'depth', 'normals'),
+                                            ('semseg', 'depth', 'normals'), small_config())
+  features, labels = module_inputs(batch=4)
+  params = jax.jit(module.init)(jax.random.key(0), features, labels, jax.random.key(1))
+  step = jax.jit(lambda features, labelled, rng: jax.value_and_grad(
+      lambda p, f: module.apply(p, f, labels, rng, labelled), argnums=(0, 1), has_aux=True)(
+          params, features))
+  return module, features, labels, params, step
+
+
+def test_image_without_another_labelled_task_contributes_nothing(three_task_module):
+  _, features, _, _, step = three_task_module
+  # Image 0 keeps only semseg, image 1 nothing; 2 and 3 keep depth and normals.
+  labelled = {'semseg': np.array([1, 0, 0, 0], bool), 'depth': np.array([0, 0, 1, 1], bool),
+              'normals': np.array([0, 0, 1, 1], bool)}
+  for seed in range(3):
+    (loss, diagnostics), (param_grads, feature_grads) = step(features, labelled,
+                                                             jax.random.key(seed))
+    assert np.isfinite(loss) and loss > 0
+    # semseg's features: only images 2 and 3 have a labelled source for it.
+    semseg_grad = np.asarray(feature_grads['semseg'], np.float32)
+    assert np.all(semseg_grad[:2] == 0) and np.any(semseg_grad[2:] != 0)
+    # depth's: images 2, 3 draw normals (their only other task), image 0 semseg, 1 nothing.
+    assert np.all(np.asarray(feature_grads['depth'])[1] == 0)
+    np.testing.assert_allclose(diagnostics['depth<-normals/drawn'], 0.5)
+    np.testing.assert_allclose(diagnostics['depth<-semseg/drawn'], 0.25)
+    semseg_drawn = diagnostics['semseg<-depth/drawn'] + diagnostics['semseg<-normals/drawn']
+    np.testing.assert_allclose(semseg_drawn, 0.5)
+
+
+def test_no_labelled_source_anywhere_gives_zero_without_nan(three_task_module):
+  _, features, _, _, step = three_task_module
+  one_task = {'semseg': np.ones(4, bool), 'depth': np.zeros(4, bool),
+              'normals': np.zeros(4, bool)}
+  (loss, diagnostics), (param_grads, feature_grads) = step(features, one_task,
+                                                           jax.random.key(0))
+  # Only depth and normals (targets) have a source, semseg; semseg itself has none.
+  assert np.all(np.asarray(feature_grads['semseg'], np.float32) == 0)
+  assert all(np.all(np.isfinite(np.asarray(g, np.float32)))
+             for g in jax.tree.leaves((param_grads, feature_grads)))
+  assert diagnostics['semseg<-depth/drawn'] == 0 and diagnostics['semseg<-depth/loss'] == 0
+  nothing = {t: np.zeros(4, bool) for t in one_task}
+  (loss, _), (param_grads, _) = step(features, nothing, jax.random.key(0))
+  assert loss == 0.0
+  assert all(np.all(np.asarray(g) == 0) for g in jax.tree.leaves(param_grads))
+
+
+def test_per_image_sources_equal_the_batch_draw_when_every_image_has_the_same_one(
+    three_task_module):
+  """Every image keeping exactly one other source: the per-image path computes the loss
+  of the batch-wide path restricted to that source (same sampling and matching keys)."""
+  _, features, labels, params, _ = three_task_module
+  only = contrastive.CrossTaskContrastive(('semseg',), ('semseg', 'depth', 'normals'),
+                                          small_config(source_choice='pairs',
+                                                       pairs=(('semseg', 'depth'),)))
+  only_params = {'params': {'semseg<-depth': params['params']['semseg<-depth']}}
+  labelled = {'semseg': np.ones(4, bool), 'depth': np.ones(4, bool),
+              'normals': np.zeros(4, bool)}
+  single = contrastive.CrossTaskContrastive(('semseg',), ('semseg', 'depth', 'normals'),
+                                            small_config())
+  single_params = {'params': {k: v for k, v in params['params'].items()
+                              if k.startswith('semseg<-')}}
+  batch_wide = jax.jit(lambda r: only.apply(only_params, features, labels, r)[0])
+  per_image = jax.jit(lambda r: single.apply(single_params, features, labels, r, labelled))
+  for seed in range(3):
+    rng = jax.random.key(seed)
+    expected = batch_wide(rng)
+    got, diagnostics = per_image(rng)
+    np.testing.assert_allclose(got, expected, rtol=1e-5)
+    assert diagnostics['semseg<-depth/drawn'] == 1.0
+    np.testing.assert_allclose(diagnostics['semseg<-depth/loss'], got, rtol=1e-6)
+
+
+# ------------------------------------------------------------- train step
+
+
+LABELLED = {'semseg': np.array([1, 0, 1, 0, 0, 1, 0, 0], bool),
+            'depth': np.array([0, 1, 1, 0, 1, 0, 0, 1], bool),
+            'normals': np.zeros(8, bool)}
+
+
+def test_eight_devices_match_one_device_with_partial_labels():
+  config = tiny_config(**{'contrastive.enable': True, 'optim.name': 'sgd',
+                          'tasks': ('semseg', 'depth', 'normals')})
+  mesh8 = jax.make_mesh((8,), ('data',), axis_types=(jax.sharding.AxisType.Auto,))
+  mesh1 = jax.sharding.Mesh(np.array(jax.devices()[:1]), ('data',))
+  batch = dict(make_batch(config), labelled=LABELLED)
+  results = []
+  for mesh in (mesh8, mesh1):
+    _, state, step = build(config, mesh)
+    with jax.set_mesh(mesh):
+      for _ in range(2):
+        state, metrics = step(state, jax.device_put(batch, sharding.batch_sharding(mesh)))
+    results.append((jax.device_get(state.params), jax.device_get(metrics)))
+  (params8, metrics8), (params1, metrics1) = results
+  for key in ('loss/total', 'loss/semseg', 'loss/depth', 'loss/contrastive'):
+    np.testing.assert_allclose(metrics8[key], metrics1[key], rtol=1e-4)
+  assert metrics8['loss/normals'] == 0.0 and metrics8['loss/contrastive'] > 0
+  for a, b in zip(jax.tree.leaves(params8), jax.tree.leaves(params1)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+# ----------------------------------------------------------------- pipeline
+
+
+def _batches(source, config, mapping, count):
+  from cmtdp_jax.data import pipeline  # pylint: disable=import-outside-toplevel
+  batches = pipeline.train_dataset(source, config, 0, mapping).as_numpy_iterator()
+  return [next(batches) for _ in range(count)]
+
+
+def test_synthetic_batches_carry_the_mapping_without_changing_data_or_augmentation(data_dir):
+  from cmtdp_jax.data import pipeline  # pylint: disable=import-outside-toplevel
+  config = tiny_config(data_dir)
+  source = pipeline.open_split(config.data, 'train', config.tasks)
+  ids = pipeline.split_ids(source)
+  assert ids == [f'{i:05d}' for i in range(32)]
+  mapping = label_mapping.draw(ids, config.tasks, 'random', 0.5, seed=0)
+  full, partial = _batches(source, config, None, 5), _batches(source, config, mapping, 5)
+  for a, b in zip(full, partial):  # 5 batches of 8: into the second epoch
+    assert 'labelled' not in a and set(b['labelled']) == set(config.tasks)
+    for key in a:
+      np.testing.assert_array_equal(a[key], b[key])
+  # Without augmentation each row is a stored image: its id is its position in the split.
+  config.data.augment.update(min_scale=1.0, max_scale=1.0, flip=False, photometric=False)
+  stored = [x['depth'] for x in pipeline.decoded_examples(source).as_numpy_iterator()]
+  for batch in _batches(source, config, mapping, 5):
+    for row in range(config.batch_size):
+      position = next(i for i, d in enumerate(stored) if np.array_equal(d, batch['depth'][row]))
+      kept = {t for t in config.tasks if batch['labelled'][t][row]}
+      assert kept == set(mapping[ids[position]])
+
+
+@pytest.mark.parametrize('name', ['nyud', 'pascal_context'])
+def test_real_dataset_train_split_gets_a_mapping_and_labelled_batches(tmp_path, name):
+  from cmtdp_jax.data import pipeline  # pylint: disable=import-outside-toplevel
+  from tests import test_datasets  # pylint: disable=import-outside-toplevel
+  src = tmp_path / 'src'
+  if name == 'nyud':
+    test_datasets._write_nyud(src, 'nyud_mt')
+    expected_ids = list(test_datasets.NYUD_IDS['train'])
+  else:
+    test_datasets._write_pascal(src)
+    expected_ids = list(test_datasets.PASCAL_IDS['train'])
+  config = config_lib.base_config()
+  config.data = test_datasets._data_config(tmp_path, name, src)
+  config.tasks = data_lib.get_dataset_spec(name).tasks
+  config.data.partial_labels = 'one_label'
+  config.data.crop_size = (8, 8)
+  config.batch_size = 6
+  source = pipeline.open_split(config.data, 'train', config.tasks)
+  assert pipeline.split_ids(source) == expected_ids
+  mapping = label_mapping.for_run(config.data, config.tasks, expected_ids, str(tmp_path))
+  assert sorted(mapping) == sorted(expected_ids)
+  batch = _batches(source, config, mapping, 1)[0]
+  rows = sorted(tuple(t for t in sorted(config.tasks) if batch['labelled'][t][row])
+                for row in range(6))
+  # Six rows of an epoch-wrapped split: each image twice (NYUD) or six times (PASCAL).
+  assert rows == sorted(list(mapping.values()) * (6 // len(expected_ids)))
+
+
+# ---------------------------------------------------------- runs and resume
+
+
+def test_mapping_is_written_once_and_read_back_by_a_resume(tmp_path, data_dir, caplog):
+  from cmtdp_jax.data import pipeline  # pylint: disable=import-outside-toplevel
+  config = tiny_config(data_dir, **{'data.partial_labels': 'random', 'data.label_fraction': 0.4,
+                                    'data.partial_labels_seed': 5})
+  source = pipeline.open_split(config.data, 'train', config.tasks)
+  workdir = str(tmp_path)
+  caplog.set_level('INFO')
+  mapping = train._label_mapping(config, workdir, source, is_chief=True)
+  path = tmp_path / label_mapping.FILENAME
+  written = path.read_bytes()
+  assert mapping == label_mapping.draw(pipeline.split_ids(source), config.tasks, 'random', 0.4, 5)
+  assert json.loads(written) == {i: list(t) for i, t in mapping.items()}
+  assert label_mapping.load(workdir) == mapping
+  digest = label_mapping.sha256(mapping)
+  assert f'written (sha256 {digest})' in caplog.text
+  # A resume reads the file back (here edited, to tell it from a redraw) and leaves it.
+  edited = dict(mapping, **{'00000': ('depth', 'sal')})
+  label_mapping.save(workdir, edited)
+  edited_bytes = path.read_bytes()
+  assert train._label_mapping(config, workdir, source, is_chief=True) == edited
+  assert path.read_bytes() == edited_bytes
+  assert f'read back (sha256 {label_mapping.sha256(edited)})' in caplog.text
+  # Without partial labels nothing is written.
+  assert train._label_mapping(tiny_config(data_dir), str(tmp_path / 'full'),
+                              source, is_chief=True) is None
+  assert not os.path.exists(tmp_path / 'full' / label_mapping.FILENAME)
+
+
+def test_cli_trains_and_evaluates_one_label_end_to_end(tmp_path, data_dir):
+  workdir = str(tmp_path / 'run')
+  proc = run_main(workdir, '--config.num_steps=2', '--config.log_every=1',
+                  '--config.tasks=("semseg","depth","sal")',
+                  '--config.data.partial_labels=one_label', '--config.contrastive.enable=True',
+                  data_dir=data_dir)
+  with open(os.path.join(workdir, 'eval', 'step_2.json')) as f:
+    results = json.load(f)
+  assert results['semseg/images'] == 16 and np.isfinite(results['depth/rmse'])
+  mapping = label_mapping.load(workdir)
+  assert sorted(mapping) == [f'{i:05d}' for i in range(32)]
+  assert all(len(t) == 1 for t in mapping.values())
+  assert f'sha256 {label_mapping.sha256(mapping)}' in proc.stderr
+  assert 'step 2/2' in proc.stdout
+  # A resume with another draw would train on another dataset: refused.
+  other_draw = tiny_config(data_dir, **{'tasks': ('semseg', 'depth', 'sal'),
+                                        'data.partial_labels': 'one_label',
+                                        'data.partial_labels_seed': 1})
+  with pytest.raises(ValueError, match=r'^config.data.partial_labels_seed changed since'):
+    train._check_config_change(other_draw, workdir, 2)
+
+
+def test_deep_supervision_losses_are_masked_too():
+  """PAD-Net's initial predictions: a task without labelled images adds 0 there too."""
+  from cmtdp_jax import steps  # pylint: disable=import-outside-toplevel
+  config = tiny_config(**{'model.framework': 'padnet', 'tasks': ('semseg', 'depth', 'normals')})
+  components = steps.build(config)
+  state = jax.jit(components.init)(steps.init_key(0))
+  metrics = jax.jit(lambda b: steps.compute_losses(
+      components.trainer, state.params, state.batch_stats, b, jax.random.key(0))[1][1])(
+          dict(make_batch(config), labelled=LABELLED))
+  assert metrics['aux_loss/normals/initial'] == 0.0 and metrics['loss/normals'] == 0.0
+  assert metrics['aux_loss/depth/initial'] > 0 and metrics['aux_loss/semseg/initial'] > 0
