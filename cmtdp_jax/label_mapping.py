@@ -163,12 +163,17 @@ def check_config(data_config) -> None:
       raise ValueError(f'config.data.label_mapping: no such file {data_config.label_mapping}')
 
 
+def is_partial(data_config) -> bool:
+  """Whether `config.data` asks for partially annotated training."""
+  return bool(data_config.partial_labels or data_config.label_mapping)
+
+
 def for_run(data_config, tasks: Sequence[str], ids: Sequence[str],
             workdir: str) -> LabelMapping | None:
   """The mapping a run trains on: the one in `workdir` if a previous start wrote
   it, else the user's file or a fresh draw as `data_config` says; None for all
   labels. Does not write anything (`save`)."""
-  if not data_config.partial_labels and not data_config.label_mapping:
+  if not is_partial(data_config):
     return None
   saved_path = os.path.join(workdir, FILENAME)
   if os.path.exists(saved_path):

@@ -27,11 +27,11 @@ from cmtdp_jax import checkpointing
 from cmtdp_jax import config_lib
 from cmtdp_jax import data as data_lib
 from cmtdp_jax import evaluation
+from cmtdp_jax import label_mapping
 from cmtdp_jax import progress
 from cmtdp_jax import sharding
 from cmtdp_jax import steps
 from cmtdp_jax import workdir_lock
-from cmtdp_jax import label_mapping
 from cmtdp_jax.data import pipeline
 from cmtdp_jax.evaluation import scoring
 from cmtdp_jax.evaluation import visualize
@@ -163,12 +163,12 @@ def _label_mapping(config, workdir, train_source, is_chief):
   `workdir`: written by process 0 at the first start, read back by every resume."""
   path = os.path.join(workdir, label_mapping.FILENAME)
   existed = os.path.exists(path)
-  mapping = label_mapping.for_run(config.data, config.tasks, pipeline.split_ids(train_source),
-                                  workdir)
-  if mapping is None:
+  if not label_mapping.is_partial(config.data):  # reads no ids
     if existed:
       logging.warning('%s is not used: this start trains on all labels', path)
     return None
+  mapping = label_mapping.for_run(config.data, config.tasks, pipeline.split_ids(train_source),
+                                  workdir)
   if not existed and is_chief:
     label_mapping.save(workdir, mapping)
   logging.info('Label mapping %s %s (sha256 %s): %s', path,

@@ -347,7 +347,8 @@ def test_real_dataset_train_split_gets_a_mapping_and_labelled_batches(tmp_path, 
 # ---------------------------------------------------------- runs and resume
 
 
-def test_mapping_is_written_once_and_read_back_by_a_resume(tmp_path, data_dir, caplog):
+def test_mapping_is_written_once_and_read_back_by_a_resume(tmp_path, data_dir, caplog,
+                                                           monkeypatch):
   from cmtdp_jax.data import pipeline  # pylint: disable=import-outside-toplevel
   config = tiny_config(data_dir, **{'data.partial_labels': 'random', 'data.label_fraction': 0.4,
                                     'data.partial_labels_seed': 5})
@@ -369,7 +370,9 @@ def test_mapping_is_written_once_and_read_back_by_a_resume(tmp_path, data_dir, c
   assert train._label_mapping(config, workdir, source, is_chief=True) == edited
   assert path.read_bytes() == edited_bytes
   assert f'read back (sha256 {label_mapping.sha256(edited)})' in caplog.text
-  # Without partial labels nothing is written.
+  # Without partial labels nothing is written, and no ids are read (a pass over NYUD's or
+  # PASCAL's whole train split).
+  monkeypatch.setattr(pipeline, 'split_ids', lambda source: pytest.fail('read the ids'))
   assert train._label_mapping(tiny_config(data_dir), str(tmp_path / 'full'),
                               source, is_chief=True) is None
   assert not os.path.exists(tmp_path / 'full' / label_mapping.FILENAME)
