@@ -270,6 +270,8 @@ def test_regimes_name_and_configure_their_cells(config):
   random = ablation.cell_config(config, 50, 0.0, '', 0, 'random0.5', num_steps=11)
   assert (random.data.partial_labels, random.data.label_fraction) == ('random', 0.5)
   assert not random.contrastive.enable and random.num_steps == 11
+  # The kept labels are drawn per seed, the same for both lambdas of a pair.
+  assert ablation.cell_config(config, 50, 3.0, '', 3, 'random0.5').data.partial_labels_seed == 3
   assert not ablation.cell_config(config, 50, 1.0, '', 0).data.get('partial_labels')
   with pytest.raises(ValueError, match="--regimes: unknown regime 'random2'"):
     ablation.regime_labels('random2')
@@ -342,3 +344,20 @@ def test_split_metrics_score_each_task_on_kept_and_dropped_images(config):
   assert results['semseg/images@kept'] == 2 and results['semseg/images@dropped'] == 1
   assert results['depth/rmse@kept'] == pytest.approx(np.sqrt(0.5))  # a, c: errors 1 and 0
   assert results['depth/rmse@dropped'] == pytest.approx(2.0)  # b
+
+
+def test_readme_section_is_the_summary(tmp_path, monkeypatch, config):
+  monkeypatch.setattr(ablation.train, 'train_and_evaluate', _fake_training([]))
+  monkeypatch.setattr(ablation, 'regularizer_share', lambda workdir: None)
+  readme = tmp_path / 'README.md'
+  readme.write_text('# x\n<!-- study table -->\nold\n<!-- /study table -->\nafter\n')
+  ablation.run_study(config, str(tmp_path / 'w'), str(tmp_path / 'docs' / 'r'), [0.0, 1.0], [10],
+                     [0], [], [], False, readme=str(readme))
+  text = readme.read_text()
+  summary = (tmp_path / 'docs' / 'r' / 'study.md').read_text()
+  assert text == ('# x\n<!-- study table -->\n' + summary +
+                  '\n![delta_m against lambda](docs/r/delta_m.png)\n<!-- /study table -->\nafter\n')
+  readme.write_text('no markers')
+  with pytest.raises(ValueError, match='--readme .*README.md: needs one'):
+    ablation.run_study(config, str(tmp_path / 'w'), str(tmp_path / 'docs' / 'r'), [0.0], [10],
+                       [0], [], [], False, readme=str(readme))

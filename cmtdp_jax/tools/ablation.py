@@ -55,7 +55,9 @@ every task's primary metric on the training images split by whether the task's o
 kept or dropped on the image, and its paired difference to lambda 0), `delta_m.png`, and the
 same files into `results_dir`. `--analyze` also measures the paper's Figure 1 premise on seed 0
 of the lambda-0 and the best-lambda model of the largest training set, side by side in
-`consistency.png`. `--summarize_only` writes the same files from the runs finished so far.
+`consistency.png`. `--summarize_only` writes the same files from the runs finished so far;
+`--readme=README.md` also puts the summary between the README's `<!-- study table -->` markers
+(`--readme_marker`).
 """
 
 from __future__ import annotations
@@ -68,6 +70,7 @@ import json
 import os
 import platform
 import subprocess
+import sys
 import time
 from typing import NamedTuple
 
@@ -103,6 +106,9 @@ def define_flags():
   flags.DEFINE_integer('pilot_steps', 0, 'Steps of a pilot run (0 = config.num_steps).')
   flags.DEFINE_bool('analyze', True, 'Figure 1 premise: lambda 0 vs the best lambda.')
   flags.DEFINE_bool('summarize_only', False, 'Summarize the finished runs, train nothing.')
+  flags.DEFINE_string('readme', '', 'Also write the summary into this file, between '
+                      "'<!-- <readme_marker> -->' and '<!-- /<readme_marker> -->'.")
+  flags.DEFINE_string('readme_marker', 'study table', 'The section --readme replaces.')
   flags.mark_flags_as_required(['config', 'workdir'])
 
 
@@ -184,6 +190,9 @@ def cell_config(config, train_size: int, weight: float, extra: str, seed: int,
   partial, fraction = regime_labels(regime)
   if partial:
     config.data.partial_labels = partial
+    # Each seed its own draw of the kept labels, the same for every lambda of that seed: the
+    # pairs share their labels, and the seeds sample mappings as well as initialisations.
+    config.data.partial_labels_seed = seed
     if fraction is not None:
       config.data.label_fraction = fraction
   if num_steps:
@@ -616,7 +625,8 @@ def plot_delta_m(summaries: dict, path: str) -> None:
   ax.set_xlabel('lambda (regularizer weight)')
   ax.set_ylabel('delta_m vs lambda 0 (%)')
   ax.set_title('Regularizer effect, paired 95% CI over seeds', fontsize=9)
-  ax.legend(fontsize=7)
+  if series:
+    ax.legend(fontsize=7)
   figure.tight_layout()
   figure.savefig(path)
 
@@ -729,7 +739,8 @@ class _Study:
 
 def run_study(config, workdir: str, results_dir: str, weights, train_sizes, seeds, extras,
               more_seeds, analyze: bool, train_missing: bool = True, regimes=('full',),
-              pilot_weights=(), pilot_seeds=(100,), pilot_steps: int = 0) -> dict:
+              pilot_weights=(), pilot_seeds=(100,), pilot_steps: int = 0, readme: str = '',
+              readme_marker: str = 'study table') -> dict:
   """Runs (or, without `train_missing`, only summarizes) the study; returns the summary.
 
   `weights` are floats, or 'pilot' for the best of `pilot_weights`."""
@@ -828,12 +839,31 @@ def run_study(config, workdir: str, results_dir: str, weights, train_sizes, seed
     with open(os.path.join(folder, 'study.json'), 'w') as f:
       json.dump(summary, f, indent=2, sort_keys=True)
     plot_delta_m(grid, os.path.join(folder, 'delta_m.png'))
+  if readme:
+    write_readme_section(readme, readme_marker, text,
+                         os.path.abspath(os.path.join(results_dir, 'delta_m.png')))
   print(f'\n{text}', flush=True)
   if analyze and best is not None:
     run_dirs = [_run_dir(study, Cell(largest, w), seeds[0]) for w in (0.0, best)]
     if all(d and os.path.isdir(os.path.join(workdir, d)) for d in run_dirs):
       _analyze_premise(config, workdir, results_dir, largest, best, seeds[0], run_dirs)
   return summary
+
+
+def write_readme_section(path: str, marker: str, text: str, plot: str) -> None:
+  """Replaces what lies between `<!-- marker -->` and `<!-- /marker -->` in `path` by
+  `text` and the delta_m plot (linked relative to `path`)."""
+  begin, end = f'<!-- {marker} -->', f'<!-- /{marker} -->'
+  with open(path) as f:
+    content = f.read()
+  if content.count(begin) != 1 or content.count(end) != 1 or (
+      content.index(begin) > content.index(end)):
+    raise ValueError(f"--readme {path}: needs one '{begin}' line and one '{end}' after it")
+  link = os.path.relpath(plot, os.path.dirname(os.path.abspath(path)))
+  section = f'{begin}\n{text}\n![delta_m against lambda]({link})\n{end}'
+  head, rest = content.split(begin)
+  with open(path, 'w') as f:
+    f.write(head + section + rest.split(end, 1)[1])
 
 
 def _run_dir(study: _Study, cell: Cell, seed: int) -> str | None:
@@ -866,6 +896,8 @@ def main(argv):
     _run_from_flags()
   except Interrupted as e:
     print(e, flush=True)
+  except ValueError as e:  # a bad flag or file: one line
+    sys.exit(f'error: {e}')
 
 
 def _weights(values) -> list:
@@ -882,7 +914,8 @@ def _run_from_flags():
             [int(s) for s in FLAGS.more_seeds], FLAGS.analyze,
             train_missing=not FLAGS.summarize_only, regimes=list(FLAGS.regimes),
             pilot_weights=[float(w) for w in FLAGS.pilot_weights],
-            pilot_seeds=[int(s) for s in FLAGS.pilot_seeds], pilot_steps=FLAGS.pilot_steps)
+            pilot_seeds=[int(s) for s in FLAGS.pilot_seeds], pilot_steps=FLAGS.pilot_steps,
+            readme=FLAGS.readme, readme_marker=FLAGS.readme_marker)
 
 
 if __name__ == '__main__':
