@@ -312,6 +312,8 @@ def test_pilot_picks_the_weight_and_partial_regimes_get_the_label_split(tmp_path
   cell = summary['cells']['n10_one_label_w3']
   assert cell['split']['semseg/mIoU@dropped']['difference']['mean'] == pytest.approx(6.0)
   assert cell['split']['depth/rmse@dropped']['difference']['mean'] == pytest.approx(0.3)
+  assert cell['split']['depth/rmse@dropped']['relative']['mean'] == pytest.approx(15.0)
+  assert (tmp_path / 'r' / 'split.png').stat().st_size > 0
   assert cell['split']['semseg/mIoU@kept']['mean'] == pytest.approx(50.5)
   assert summary['cells']['n10_w3']['split'] is None
   text = (tmp_path / 'r' / 'study.md').read_text()

@@ -30,7 +30,9 @@ reference and a lambda-3 treatment share it: two train steps of the study's base
 gradient norms as float32 bit patterns and a sha256 of the parameters after them. Any change
 to the rounding of the forward pass, the gradient or the update (a code change such as the
 NaN guard of 5da98ea, another XLA build or CPU) changes the bits; the key is a 12-hex-digit
-hash of it all. Each record keeps the whole fingerprint and the run's own losses at its first
+hash of it all. Measured on configs/synthetic.py: two processes give the same key; the commit
+before the guard gives the same losses for both steps but other parameters after them (the
+guard changed the update's rounding, not the forward pass), hence the parameters' digest. Each record keeps the whole fingerprint and the run's own losses at its first
 logged step (mean of steps 1..log_every) as float32 hex.
 
 Results: every run trains in `<workdir>/<key>/<cell>_seed<seed>` and writes its record (eval
@@ -52,8 +54,9 @@ primary metric over its seeds, the latest record of each seed; delta_m against l
 paired 95% confidence interval over the seeds whose records share a fingerprint, and which seeds
 were dropped for not sharing one; the regularizer's loss share; for the partial-label regimes,
 every task's primary metric on the training images split by whether the task's own label was
-kept or dropped on the image, and its paired difference to lambda 0), `delta_m.png`, and the
-same files into `results_dir`. `--analyze` also measures the paper's Figure 1 premise on seed 0
+kept or dropped on the image, and its paired difference to lambda 0), `delta_m.png`,
+`split.png` (the partial regimes' differences by kept/dropped label), and the same files into
+`results_dir`. `--analyze` also measures the paper's Figure 1 premise on seed 0
 of the lambda-0 and the best-lambda model of the largest training set, side by side in
 `consistency.png`. `--summarize_only` writes the same files from the runs finished so far;
 `--readme=README.md` also puts the summary between the README's `<!-- study table -->` markers
@@ -507,10 +510,11 @@ def split_summary(runs, reference, tasks) -> dict | None:
       entry = {'mean': float(np.mean(values)),
                'std': float(np.std(values, ddof=1)) if len(values) > 1 else None}
       if reference is not None:
-        entry['difference'] = _t_interval(
-            [_better(primary) * (r['split_metrics'][key] - ref['split_metrics'][key])
-             for r, ref in paired
-             if key in r['split_metrics'] and key in ref['split_metrics']])
+        both = [(r['split_metrics'][key], ref['split_metrics'][key]) for r, ref in paired
+                if key in r['split_metrics'] and key in ref['split_metrics']]
+        entry['difference'] = _t_interval([_better(primary) * (v - w) for v, w in both])
+        entry['relative'] = _t_interval([_better(primary) * 100.0 * (v - w) / w
+                                         for v, w in both if w])  # %, as delta_m's terms
       out[key] = entry
   return out
 
@@ -629,6 +633,41 @@ def plot_delta_m(summaries: dict, path: str) -> None:
     ax.legend(fontsize=7)
   figure.tight_layout()
   figure.savefig(path)
+
+
+def plot_split(summaries: dict, tasks, path: str) -> bool:
+  """Per partial-label regime and task: the paired relative difference (%, positive =
+  better) of lambda vs lambda 0 on the training images whose label for the task was dropped,
+  and on those where it was kept, with 95% CIs. False when there is nothing to plot."""
+  from matplotlib.backends.backend_agg import FigureCanvasAgg  # pylint: disable=import-outside-toplevel
+  from matplotlib.figure import Figure  # pylint: disable=import-outside-toplevel
+  cells = [(name, s) for name, s in summaries.items() if s.get('split') and s['delta_m']]
+  if not cells:
+    return False
+  figure = Figure(figsize=(6.4, 1.0 + 1.6 * len(cells)), dpi=120)
+  FigureCanvasAgg(figure)
+  for row, (name, s) in enumerate(cells):
+    ax = figure.add_subplot(len(cells), 1, row + 1)
+    for offset, part, marker in ((-0.12, 'dropped', 'o'), (0.12, 'kept', 's')):
+      x, y, err = [], [], [[], []]
+      for index, task in enumerate(tasks):
+        d = (s['split'].get(f'{evaluation.PRIMARY_METRICS.get(task)}@{part}') or {}).get(
+            'relative')
+        if d and d['mean'] is not None:
+          x.append(index + offset)
+          y.append(d['mean'])
+          err[0].append(d['mean'] - (d['low'] if d['low'] is not None else d['mean']))
+          err[1].append((d['high'] if d['high'] is not None else d['mean']) - d['mean'])
+      ax.errorbar(x, y, yerr=err, marker=marker, linestyle='none', capsize=3,
+                  label=f"task's label {part}")
+    ax.axhline(0.0, color='grey', lw=0.8)
+    ax.set_xticks(range(len(tasks)), tasks, fontsize=7)
+    ax.set_ylabel('vs λ 0 (%)', fontsize=7)
+    ax.set_title(f'{name}: training images by whether the task\'s label was kept', fontsize=8)
+    ax.legend(fontsize=6)
+  figure.tight_layout()
+  figure.savefig(path)
+  return True
 
 
 def plot_consistency(before: dict, after: dict, path: str, labels) -> None:
@@ -839,9 +878,11 @@ def run_study(config, workdir: str, results_dir: str, weights, train_sizes, seed
     with open(os.path.join(folder, 'study.json'), 'w') as f:
       json.dump(summary, f, indent=2, sort_keys=True)
     plot_delta_m(grid, os.path.join(folder, 'delta_m.png'))
+    has_split = plot_split(grid, tasks, os.path.join(folder, 'split.png'))
   if readme:
     write_readme_section(readme, readme_marker, text,
-                         os.path.abspath(os.path.join(results_dir, 'delta_m.png')))
+                         [os.path.join(results_dir, name) for name in
+                          ('delta_m.png', 'split.png')[:2 if has_split else 1]])
   print(f'\n{text}', flush=True)
   if analyze and best is not None:
     run_dirs = [_run_dir(study, Cell(largest, w), seeds[0]) for w in (0.0, best)]
@@ -850,17 +891,21 @@ def run_study(config, workdir: str, results_dir: str, weights, train_sizes, seed
   return summary
 
 
-def write_readme_section(path: str, marker: str, text: str, plot: str) -> None:
+def write_readme_section(path: str, marker: str, text: str, plots) -> None:
   """Replaces what lies between `<!-- marker -->` and `<!-- /marker -->` in `path` by
-  `text` and the delta_m plot (linked relative to `path`)."""
+  `text` and the `plots` (linked relative to `path`)."""
   begin, end = f'<!-- {marker} -->', f'<!-- /{marker} -->'
   with open(path) as f:
     content = f.read()
   if content.count(begin) != 1 or content.count(end) != 1 or (
       content.index(begin) > content.index(end)):
     raise ValueError(f"--readme {path}: needs one '{begin}' line and one '{end}' after it")
-  link = os.path.relpath(plot, os.path.dirname(os.path.abspath(path)))
-  section = f'{begin}\n{text}\n![delta_m against lambda]({link})\n{end}'
+  titles = {'delta_m.png': 'delta_m against lambda',
+            'split.png': 'lambda vs lambda 0 by whether the task label was kept'}
+  links = ''.join(f'![{titles[os.path.basename(plot)]}]('
+                  f'{os.path.relpath(os.path.abspath(plot), os.path.dirname(os.path.abspath(path)))})\n'
+                  for plot in plots)
+  section = f'{begin}\n{text}\n{links}{end}'
   head, rest = content.split(begin)
   with open(path, 'w') as f:
     f.write(head + section + rest.split(end, 1)[1])
