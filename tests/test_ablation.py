@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -316,6 +317,8 @@ def test_pilot_picks_the_weight_and_partial_regimes_get_the_label_split(tmp_path
   assert (tmp_path / 'r' / 'split.png').stat().st_size > 0
   assert cell['split']['semseg/mIoU@kept']['mean'] == pytest.approx(50.5)
   assert summary['cells']['n10_w3']['split'] is None
+  record = json.loads((tmp_path / 'r' / 'aaaaaaaaaaaa' / 'n10_one_label_w0_seed1.json').read_text())
+  assert record['label_mapping_sha256'] == hashlib.sha256(b'{}').hexdigest()
   text = (tmp_path / 'r' / 'study.md').read_text()
   assert '| n10_one_label_w3 | semseg/mIoU | 50.500 ± 0.707 | 36.000 ± 0.000 | +0.00 [+0.00, +0.00] |' \
          ' +6.00 [+6.00, +6.00] |' in text
@@ -363,3 +366,32 @@ def test_readme_section_is_the_summary(tmp_path, monkeypatch, config):
   with pytest.raises(ValueError, match='--readme .*README.md: needs one'):
     ablation.run_study(config, str(tmp_path / 'w'), str(tmp_path / 'docs' / 'r'), [0.0], [10],
                        [0], [], [], False, readme=str(readme))
+
+
+def test_fingerprint_sees_a_change_of_the_update_that_leaves_the_losses_alone(monkeypatch):
+  """What the NaN guard did: the same losses, other parameters after the step."""
+  from configs import synthetic  # pylint: disable=import-outside-toplevel
+  from cmtdp_jax import steps  # pylint: disable=import-outside-toplevel
+  monkeypatch.undo()  # the real probe
+  config = synthetic.get_config('smoke')
+  config.tasks = TASKS
+  config.model.backbone_kwargs.width = 4
+  config.model.head_channels = 8
+  first = ablation.numerics_fingerprint(config, probe_steps=1)
+  assert first['key'] == ablation.fingerprint_hash(first) and len(first['key']) == 12
+  assert first['cpu'] == ablation.cpu_model() and first['devices'] >= 1
+  assert set(first['probe']['on']['losses'][0]) == {
+      'grad_norm', 'loss/semseg', 'loss/depth', 'loss/contrastive', 'loss/total'}
+  original = steps.compute_losses
+
+  def rescaled(*args):
+    total, aux = original(*args)
+    return total * (1.0 + 2.0 ** -10), aux  # the gradient, not the logged losses
+
+  monkeypatch.setattr(steps, 'compute_losses', rescaled)
+  changed = ablation.numerics_fingerprint(config, probe_steps=1)
+  assert changed['key'] != first['key']
+  for part in ('off', 'on'):
+    assert changed['probe'][part]['losses'][0]['loss/total'] == (
+        first['probe'][part]['losses'][0]['loss/total'])
+    assert changed['probe'][part]['params_sha256'] != first['probe'][part]['params_sha256']

@@ -396,7 +396,11 @@ def train_run(config, workdir: str, results_dir: str, cell: Cell, seed: int,
             'finished': datetime.datetime.now(datetime.timezone.utc).isoformat(
                 timespec='seconds')}
   if regime_labels(cell.regime)[0]:
-    record['split_metrics'] = split_by_label(run_config, run_dir, load_label_mapping(run_dir))
+    mapping = load_label_mapping(run_dir)
+    record['split_metrics'] = split_by_label(run_config, run_dir, mapping)
+    # Both runs of a pair must have trained on the same labels: this says whether they did.
+    record['label_mapping_sha256'] = hashlib.sha256(
+        json.dumps(mapping, sort_keys=True).encode()).hexdigest()
   folder = os.path.join(results_dir, key)
   os.makedirs(folder, exist_ok=True)
   with open(os.path.join(folder, 'fingerprint.json'), 'w') as f:
