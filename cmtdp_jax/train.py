@@ -207,8 +207,11 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
         is_log_step = step % config.log_every == 0 or step == config.num_steps
         if step == start_step + 1 and not is_log_step:
           # Once per run, so the first line comes now rather than `log_every` steps later.
-          _log_first_step(step, config.num_steps, jax.device_get(metrics),
-                          time.time() - last_log, call_seconds)
+          first = jax.device_get(metrics)
+          _log_first_step(step, config.num_steps, first, time.time() - last_log, call_seconds)
+          # The exact first losses, to tell runs' numerics apart (tools/ablation.py).
+          _write_scalars(writer, step, {k: v for k, v in first.items() if k.startswith('loss/')},
+                         'first_step')
           last_log, last_log_step = time.time(), step  # the rates leave the compile out
         preempted = preemption.reached(step)
         evaluating = (bool(config.eval_every) and step % config.eval_every == 0

@@ -171,6 +171,19 @@ def test_regularizer_share_reads_the_train_scalars(tmp_path):
   writer.close()
   assert ablation.regularizer_share(str(tmp_path)) == pytest.approx(0.05)
   assert ablation.regularizer_share(str(tmp_path / 'none')) is None
+  assert ablation.first_step_losses(str(tmp_path)) == {
+      'loss/contrastive': ablation.float32_hex(0.4), 'loss/total': ablation.float32_hex(8.0)}
+
+
+def test_first_step_losses_are_the_exact_bits_train_logs(tmp_path):
+  from flax.metrics import tensorboard  # pylint: disable=import-outside-toplevel
+  from cmtdp_jax import train  # pylint: disable=import-outside-toplevel
+  loss = np.float32(1.0) + np.float32(2.0 ** -23)  # the float32 after 1
+  writer = tensorboard.SummaryWriter(str(tmp_path))
+  train._write_scalars(writer, 1, {'loss/semseg': loss}, 'first_step')  # pylint: disable=protected-access
+  train._write_scalars(writer, 100, {'loss/semseg': np.float32(0.5)}, 'train')  # pylint: disable=protected-access
+  writer.close()
+  assert ablation.first_step_losses(str(tmp_path)) == {'loss/semseg': '3f800001'}
 
 
 def test_a_preempted_run_is_not_recorded(tmp_path, monkeypatch, config):

@@ -33,7 +33,7 @@ NaN guard of 5da98ea, another XLA build or CPU) changes the bits; the key is a 1
 hash of it all. Measured on configs/synthetic.py: two processes give the same key; the commit
 before the guard gives the same losses for both steps but other parameters after them (the
 guard changed the update's rounding, not the forward pass), hence the parameters' digest. Each record keeps the whole fingerprint and the run's own losses at its first
-logged step (mean of steps 1..log_every) as float32 hex.
+step as float32 hex.
 
 Results: every run trains in `<workdir>/<key>/<cell>_seed<seed>` and writes its record (eval
 metrics, the regularizer's share of the total loss, wall time, commit, fingerprint) to
@@ -204,13 +204,13 @@ def cell_config(config, train_size: int, weight: float, extra: str, seed: int,
 
 
 def _train_scalars(workdir: str) -> dict[int, dict[str, float]]:
-  """{step: {tag: value}} of the logged train scalars (TensorBoard, as float32)."""
+  """{step: {tag: value}} of the logged train and first-step scalars (TensorBoard, float32)."""
   import tensorflow as tf  # pylint: disable=import-outside-toplevel
   values = {}
   for path in glob.glob(os.path.join(workdir, 'events.out.tfevents.*')):
     for event in tf.compat.v1.train.summary_iterator(path):
       for value in event.summary.value:
-        if value.tag.startswith('train/'):
+        if value.tag.startswith(('train/', 'first_step/')):
           values.setdefault(event.step, {})[value.tag] = np.float32(
               tf.make_ndarray(value.tensor))
   return values
@@ -230,14 +230,16 @@ def float32_hex(value) -> str:
   return f'{int(np.asarray(value, np.float32).view(np.uint32)):08x}'
 
 
-def first_logged_losses(workdir: str) -> dict | None:
-  """The run's losses at its first logged step (means since step 1), as float32 hex."""
+def first_step_losses(workdir: str) -> dict | None:
+  """The run's losses at its first step, as float32 hex (train.py logs them as 'first_step/',
+  or as 'train/' when every step is logged)."""
   values = _train_scalars(workdir)
-  if not values:
+  if 1 not in values:
     return None
-  step = min(values)
-  return {'step': step, **{tag.split('/', 1)[1]: float32_hex(v)
-                           for tag, v in sorted(values[step].items()) if '/loss/' in tag}}
+  tags = values[1]
+  prefix = 'first_step/' if any(t.startswith('first_step/') for t in tags) else 'train/'
+  return {tag[len(prefix):]: float32_hex(v) for tag, v in sorted(tags.items())
+          if tag.startswith(prefix + 'loss/')}
 
 
 def numerics_fingerprint(config, probe_steps: int = 2) -> dict:
@@ -391,7 +393,7 @@ def train_run(config, workdir: str, results_dir: str, cell: Cell, seed: int,
             'wall_seconds': round(time.time() - start, 1),
             'machine': f'{platform.node()} {platform.machine()} {os.cpu_count()} cores',
             'commit': _commit(), 'fingerprint': fingerprint,
-            'first_logged_losses': first_logged_losses(run_dir),
+            'first_step_losses': first_step_losses(run_dir),
             'run_dir': os.path.join(key, name),
             'finished': datetime.datetime.now(datetime.timezone.utc).isoformat(
                 timespec='seconds')}
