@@ -405,10 +405,11 @@ def train_run(config, workdir: str, results_dir: str, cell: Cell, seed: int,
         json.dumps(mapping, sort_keys=True).encode()).hexdigest()
   folder = os.path.join(results_dir, key)
   os.makedirs(folder, exist_ok=True)
-  with open(os.path.join(folder, 'fingerprint.json'), 'w') as f:
-    json.dump(fingerprint, f, indent=2, sort_keys=True)
-  with open(os.path.join(folder, f'{name}.json'), 'w') as f:
-    json.dump(record, f, indent=2, sort_keys=True)
+  # Whole or not at all: a record's file says that the run finished.
+  evaluation.write_results(os.path.join(folder, 'fingerprint.json'), fingerprint, indent=2,
+                           sort_keys=True)
+  evaluation.write_results(os.path.join(folder, f'{name}.json'), record, indent=2,
+                           sort_keys=True)
   return record
 
 
