@@ -336,6 +336,7 @@ def test_pilot_picks_the_weight_and_partial_regimes_get_the_label_split(tmp_path
   assert '| n10_one_label_w3 | semseg/mIoU | 50.500 ± 0.707 | 36.000 ± 0.000 | +0.00 [+0.00, +0.00] |' \
          ' +6.00 [+6.00, +6.00] |' in text
   assert 'pilot: lambda 1, 3 at 3 steps, seeds 4, best 3.0' in text
+  assert '11 of 11 planned runs finished' in text
   assert '| pilot_n10_w3 | 1 |' in text
 
 

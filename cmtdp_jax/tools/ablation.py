@@ -842,7 +842,7 @@ def run_study(config, workdir: str, results_dir: str, weights, train_sizes, seed
   added = ({(s['train_size'], s['weight'], s['extra'], s['regime']) for s in undecided}
            | {(s['train_size'], 0.0, '', s['regime']) for s in undecided})
   pilot_runs = len([w for w in pilot_weights if w > 0]) + (1 if pilot_weights else 0)
-  planned = ((len(grid_weights) * len(train_sizes) * len(regimes) + len(extras)) * len(seeds)
+  planned = ((len(weights) * len(train_sizes) * len(regimes) + len(extras)) * len(seeds)
              + len(added) * len(more_seeds) + pilot_runs * len(pilot_seeds))
   finished = study.finished()
   so_far = ' so far' if finished < planned else ''
