@@ -229,8 +229,11 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
         is_log_step = step % config.log_every == 0 or step == config.num_steps
         if step == start_step + 1 and not is_log_step:
           # Once per run, so the first line comes now rather than `log_every` steps later.
-          _log_first_step(step, config.num_steps, jax.device_get(metrics),
-                          time.time() - last_log, call_seconds)
+          first = jax.device_get(metrics)
+          _log_first_step(step, config.num_steps, first, time.time() - last_log, call_seconds)
+          # The exact first losses, to tell runs' numerics apart (tools/ablation.py).
+          _write_scalars(writer, step, {k: v for k, v in first.items() if k.startswith('loss/')},
+                         'first_step')
           last_log, last_log_step = time.time(), step  # the rates leave the compile out
         preempted = preemption.reached(step)
         evaluating = (bool(config.eval_every) and step % config.eval_every == 0
@@ -300,14 +303,18 @@ def evaluate(config, workdir: str, step: int | None = None) -> dict[str, float]:
                                int(state.step), None)
 
 
-def run_evaluation(config, model, state, eval_source, mesh, outputs=None) -> dict[str, float]:
+def run_evaluation(config, model, state, eval_source, mesh, outputs=None,
+                   metrics=None) -> dict[str, float]:
   """Predicts the whole eval split and returns the pooled metrics.
 
   `outputs` (a `visualize.EvalOutputs`) also gets every host-local batch.
+  `metrics` replaces the run's metrics (`pipeline.eval_metrics`): {name: Metric}, the
+  name a task or '<task>@<part>' for a second metric of one task, whose result keys
+  get the same '@<part>' (the study tool scores a task on two subsets of images).
   """
   batch_sharding = sharding.batch_sharding(mesh)
   predict = _predict_step(model, tuple(config.tasks), mesh)
-  metrics = scoring.eval_metrics(config, eval_source)
+  metrics = metrics or scoring.eval_metrics(config, eval_source)
   shown = progress.Progress('evaluation', eval_source.num_examples, 'images',
                             enabled=jax.process_index() == 0)
   for batch in pipeline.eval_dataset(eval_source, config).as_numpy_iterator():
@@ -338,12 +345,13 @@ def _merge_across_hosts(metrics) -> dict[str, float]:
   """Every metric's results over all hosts, and '<task>/images': how many images each
   task was scored on (the eval JSON says so when a task is scored on a subset)."""
   results = {}
-  for task, metric in metrics.items():
+  for name, metric in metrics.items():
     if jax.process_count() > 1:
       summed = jax.tree.map(lambda x: np.sum(_allgather_exact(x), axis=0), metric.state)
       metric = type(metric).from_state(summed, metric)
-    results.update(metric.result())
-    results[f'{task}/images'] = float(metric.num_images)
+    part = name[len(metric.task):]  # '' or '@<part>' (run_evaluation)
+    results.update({key + part: value for key, value in metric.result().items()})
+    results[f'{metric.task}/images{part}'] = float(metric.num_images)
   return results
 
 

@@ -33,11 +33,11 @@ def get_config(variant: str = ''):
   config.checkpoint_every = 500
   config.contrastive.num_anchors = 64
   config.contrastive.pool_size = 256
-  # With --config.contrastive.enable=True: lambda 3, the best of the README's study (its only
-  # nominal gain, +0.19% delta_m with 200 scenes, not significant after correcting for the nine
-  # comparisons; no effect with 1000). At the base default 0.1 the term is 0.2% of the loss.
-  # Keep random triplets and uniform sources: hard mining and depth/normals-only sources cost
-  # 1.2% and 0.5% delta_m at lambda 3.
+  # With --config.contrastive.enable=True: lambda 3, the best of the README's study (its largest
+  # mean gain, +0.21% delta_m with 200 scenes, not significant; no effect with 1000). At the base
+  # default 0.1 the term is 0.2% of the loss. Keep random triplets and uniform sources: hard
+  # mining and depth/normals-only sources looked worse at lambda 3 (-1.7% and -0.5%, one pair
+  # each of equal numerics).
   config.contrastive.weight = 3.0
   config.eval.metric_options.edge.max_dist = 0.02
   # 33 instead of the SEISM protocol's 99 thresholds: a 3x faster boundary evaluation for

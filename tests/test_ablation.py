@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import subprocess
 
 import numpy as np
 import pytest
@@ -13,6 +15,7 @@ from cmtdp_jax import config_lib
 from cmtdp_jax.tools import ablation
 
 TASKS = ('semseg', 'depth')
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _fake_training(calls):
@@ -30,6 +33,15 @@ def _fake_training(calls):
       json.dump(results, f)
     return results
   return train_and_evaluate
+
+
+FINGERPRINT = {'key': 'aaaaaaaaaaaa', 'jax': 'test', 'cpu': 'test', 'devices': 1, 'probe': {}}
+
+
+@pytest.fixture(autouse=True)
+def fixed_numerics(monkeypatch):
+  """The probe compiles the real step; these tests fake training, so they fake it too."""
+  monkeypatch.setattr(ablation, 'numerics_fingerprint', lambda config: dict(FINGERPRINT))
 
 
 @pytest.fixture
@@ -64,18 +76,18 @@ def test_study_runs_the_grid_then_extras_at_the_best_weight_and_resumes(tmp_path
   mious = [(40.0 + offset) * 1.03 for offset in (0.0, 3.0, -2.0)]
   assert cell['metrics']['semseg/mIoU'] == pytest.approx((np.mean(mious), np.std(mious, ddof=1)))
   assert summary['cells']['n50_w0']['delta_m'] is None
-  record = json.loads((results / 'n20_w1_seed2.json').read_text())
+  record = json.loads((results / 'aaaaaaaaaaaa' / 'n20_w1_seed2.json').read_text())
   assert record['metrics']['semseg/mIoU'] == pytest.approx(38.0 * 1.01)
   assert (results / 'study.md').read_text().count('\n| n') == 8
   assert (results / 'delta_m.png').stat().st_size > 0
   calls.clear()
   assert ablation.run_study(*args)['cells'] == summary['cells']
   assert calls == []  # every result file was there
-  for path in results.glob('n50_w*_seed2.json'):
+  for path in results.glob('*/n50_w*_seed2.json'):
     path.unlink()
   partial = ablation.run_study(*args, train_missing=False)
   assert calls == [] and partial['cells']['n50_w3']['seeds'] == [0, 1]
-  for path in results.glob('n50_w3_seed1.json'):
+  for path in results.glob('*/n50_w3_seed1.json'):
     path.unlink()
   one_seed = ablation.run_study(*args, train_missing=False)['cells']['n50_w3']
   assert one_seed['metrics']['semseg/mIoU'] == (pytest.approx(40.0 * 1.03), None)
@@ -159,6 +171,19 @@ def test_regularizer_share_reads_the_train_scalars(tmp_path):
   writer.close()
   assert ablation.regularizer_share(str(tmp_path)) == pytest.approx(0.05)
   assert ablation.regularizer_share(str(tmp_path / 'none')) is None
+  assert ablation.first_step_losses(str(tmp_path)) == {
+      'loss/contrastive': ablation.float32_hex(0.4), 'loss/total': ablation.float32_hex(8.0)}
+
+
+def test_first_step_losses_are_the_exact_bits_train_logs(tmp_path):
+  from flax.metrics import tensorboard  # pylint: disable=import-outside-toplevel
+  from cmtdp_jax import train  # pylint: disable=import-outside-toplevel
+  loss = np.float32(1.0) + np.float32(2.0 ** -23)  # the float32 after 1
+  writer = tensorboard.SummaryWriter(str(tmp_path))
+  train._write_scalars(writer, 1, {'loss/semseg': loss}, 'first_step')  # pylint: disable=protected-access
+  train._write_scalars(writer, 100, {'loss/semseg': np.float32(0.5)}, 'train')  # pylint: disable=protected-access
+  writer.close()
+  assert ablation.first_step_losses(str(tmp_path)) == {'loss/semseg': '3f800001'}
 
 
 def test_a_preempted_run_is_not_recorded(tmp_path, monkeypatch, config):
@@ -175,3 +200,212 @@ def test_importing_the_tool_defines_no_flags():
   from absl import flags  # pylint: disable=import-outside-toplevel
   from cmtdp_jax import benchmark  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
   assert 'summarize_only' not in flags.FLAGS
+
+
+def _use_numerics(monkeypatch, key):
+  monkeypatch.setattr(ablation, 'numerics_fingerprint', lambda config: dict(FINGERPRINT, key=key))
+
+
+def test_runs_of_other_numerics_are_not_paired_and_the_reference_is_rerun(tmp_path, monkeypatch,
+                                                                         config):
+  """Resumed under other numerics (another machine, a changed step), the study trains the
+  missing treatment and, beside the old reference, a reference under the new fingerprint."""
+  calls = []
+  fake = _fake_training(calls)
+  shift = {'aaaaaaaaaaaa': 0.0, 'bbbbbbbbbbbb': 5.0}  # what other numerics do to a run
+
+  def training(config, workdir):
+    out = fake(config, workdir)
+    out['semseg/mIoU'] += shift[os.path.basename(os.path.dirname(workdir))]
+    return out
+
+  monkeypatch.setattr(ablation.train, 'train_and_evaluate', training)
+  monkeypatch.setattr(ablation, 'regularizer_share', lambda workdir: None)
+  results = tmp_path / 'r'
+  args = (config, str(tmp_path / 'w'), str(results), [0.0, 1.0], [10], [0, 1], [], [], False)
+  ablation.run_study(*args)
+  (results / 'aaaaaaaaaaaa' / 'n10_w1_seed1.json').unlink()  # stopped before seed 1's lambda 1
+  _use_numerics(monkeypatch, 'bbbbbbbbbbbb')
+  calls.clear()
+  summary = ablation.run_study(*args)
+  assert [(c[1], c[-1]) for c in calls] == [(0.0, 1), (1.0, 1)]
+  assert (results / 'aaaaaaaaaaaa' / 'n10_w0_seed1.json').exists()  # both kept
+  assert json.loads((results / 'bbbbbbbbbbbb' / 'n10_w0_seed1.json').read_text())[
+      'fingerprint']['key'] == 'bbbbbbbbbbbb'
+  delta = summary['cells']['n10_w1']['delta_m']
+  # Each seed against the reference of its own numerics (seed 1: both shifted by 5).
+  per_seed = [(40 * 1.01 / 40 - 1 + 1 - 1 / 1.01) / 2 * 100,
+              ((43 * 1.01 + 5) / 48 - 1 + 1 - 1 / 1.01) / 2 * 100]
+  assert delta['n'] == 2 and delta['dropped'] == []
+  assert delta['mean'] == pytest.approx(np.mean(per_seed), rel=1e-9)
+  assert delta['se'] == pytest.approx(np.std(per_seed, ddof=1) / np.sqrt(2), rel=1e-9)
+  calls.clear()
+  assert ablation.run_study(*args)['cells'] == summary['cells'] and calls == []
+  # A treatment whose only reference has other numerics is dropped, and said so.
+  (results / 'bbbbbbbbbbbb' / 'n10_w0_seed1.json').unlink()
+  partial = ablation.run_study(*args, train_missing=False)['cells']['n10_w1']['delta_m']
+  assert partial['n'] == 1
+  assert partial['dropped'] == ['seed 1: numerics bbbbbbbbbbbb vs reference aaaaaaaaaaaa']
+  assert ('- n10_w1 seed 1: numerics bbbbbbbbbbbb vs reference aaaaaaaaaaaa'
+          in (results / 'study.md').read_text())
+
+
+def test_records_without_fingerprint_pair_within_their_numerics_era(tmp_path, monkeypatch, config):
+  """The regularizer study's records: 78031b1 was before the NaN guard, 655180b after it."""
+  if subprocess.run(['git', 'cat-file', '-e', '5da98ea^{commit}'], cwd=ROOT,
+                    capture_output=True, check=False).returncode:
+    pytest.skip('needs the repository history (git clone without --depth)')
+  assert ablation.numerics_era('78031b1') == 'before 5da98ea'
+  assert ablation.numerics_era('655180b') == 'since 5da98ea'
+  assert ablation.numerics_era('0000000') == 'commit 0000000'
+  monkeypatch.setattr(ablation, 'numerics_fingerprint', None)  # nothing may train
+  config.tasks = ('semseg', 'depth', 'normals', 'edge', 'sal', 'human_parts')
+  config.num_steps = 1000
+  summary = ablation.run_study(config, str(tmp_path / 'w'),
+                               os.path.join(ROOT, 'docs', 'regularizer_study'),
+                               [0.0, 0.3, 1.0, 3.0], [200, 1000], [0, 1, 2],
+                               ['hard', 'categorical_sources', 'continuous_sources'], [3], False,
+                               train_missing=False)
+  cell = summary['cells']['n200_w3']['delta_m']
+  assert cell['n'] == 2 and summary['cells']['n200_w3']['seeds'] == [0, 1, 2]
+  assert cell['dropped'] == ['seed 2: numerics legacy:vm x86_64 2 cores:since 5da98ea vs '
+                             'reference legacy:vm x86_64 2 cores:before 5da98ea']
+  assert summary['cells']['n1000_w3_hard']['delta_m']['n'] == 1  # seed 2: both after it
+  assert summary['cells']['n1000_w1']['delta_m']['n'] == 4
+
+
+def test_regimes_name_and_configure_their_cells(config):
+  assert ablation.cell_name(1000, 3.0) == 'n1000_w3'
+  assert ablation.cell_name(1000, 3.0, regime='one_label') == 'n1000_one_label_w3'
+  assert ablation.cell_name(500, 0.0, regime='random0.5') == 'n500_random0.5_w0'
+  assert ablation.cell_name(500, 1.0, pilot=True) == 'pilot_n500_w1'
+  one = ablation.cell_config(config, 50, 3.0, '', 2, 'one_label')
+  assert (one.data.partial_labels, one.seed, one.contrastive.weight) == ('one_label', 2, 3.0)
+  random = ablation.cell_config(config, 50, 0.0, '', 0, 'random0.5', num_steps=11)
+  assert (random.data.partial_labels, random.data.label_fraction) == ('random', 0.5)
+  assert not random.contrastive.enable and random.num_steps == 11
+  # The kept labels are drawn per seed, the same for both lambdas of a pair.
+  assert ablation.cell_config(config, 50, 3.0, '', 3, 'random0.5').data.partial_labels_seed == 3
+  assert not ablation.cell_config(config, 50, 1.0, '', 0).data.get('partial_labels')
+  with pytest.raises(ValueError, match="--regimes: unknown regime 'random2'"):
+    ablation.regime_labels('random2')
+
+
+def test_pilot_picks_the_weight_and_partial_regimes_get_the_label_split(tmp_path, monkeypatch,
+                                                                        config):
+  calls = []
+  fake = _fake_training(calls)
+  configs = []
+
+  def training(config, workdir):
+    configs.append((os.path.basename(workdir), config.data.get('partial_labels', ''),
+                    config.num_steps))
+    return fake(config, workdir)
+
+  def split(config, run_dir, mapping):
+    """Dropped-label images gain 2 points with the regularizer, kept ones nothing."""
+    weight = config.contrastive.weight * config.contrastive.enable
+    return {'semseg/mIoU@kept': 50.0 + config.seed, 'semseg/mIoU@dropped': 30.0 + 2 * weight,
+            'depth/rmse@kept': 1.0, 'depth/rmse@dropped': 2.0 - 0.1 * weight}
+
+  monkeypatch.setattr(ablation.train, 'train_and_evaluate', training)
+  monkeypatch.setattr(ablation, 'regularizer_share', lambda workdir: None)
+  monkeypatch.setattr(ablation, 'split_by_label', split)
+  monkeypatch.setattr(ablation, 'load_label_mapping', lambda run_dir: {})
+  summary = ablation.run_study(config, str(tmp_path / 'w'), str(tmp_path / 'r'),
+                               [0.0, 'pilot'], [10], [0, 1], [], [], False,
+                               regimes=['full', 'one_label'], pilot_weights=[1.0, 3.0],
+                               pilot_seeds=[4], pilot_steps=3)
+  assert configs[:3] == [('pilot_n10_w0_seed4', '', 3), ('pilot_n10_w1_seed4', '', 3),
+                         ('pilot_n10_w3_seed4', '', 3)]
+  assert summary['pilot_best_weight'] == 3.0  # the fake's gain grows with lambda
+  assert [c[0] for c in configs[3:7]] == ['n10_w0_seed0', 'n10_w3_seed0',
+                                          'n10_one_label_w0_seed0', 'n10_one_label_w3_seed0']
+  assert {c[1] for c in configs if 'one_label' in c[0]} == {'one_label'}
+  assert all(c[2] == 7 for c in configs[3:])
+  cell = summary['cells']['n10_one_label_w3']
+  assert cell['split']['semseg/mIoU@dropped']['difference']['mean'] == pytest.approx(6.0)
+  assert cell['split']['depth/rmse@dropped']['difference']['mean'] == pytest.approx(0.3)
+  assert cell['split']['depth/rmse@dropped']['relative']['mean'] == pytest.approx(15.0)
+  assert (tmp_path / 'r' / 'split.png').stat().st_size > 0
+  assert cell['split']['semseg/mIoU@kept']['mean'] == pytest.approx(50.5)
+  assert summary['cells']['n10_w3']['split'] is None
+  record = json.loads((tmp_path / 'r' / 'aaaaaaaaaaaa' / 'n10_one_label_w0_seed1.json').read_text())
+  assert record['label_mapping_sha256'] == hashlib.sha256(b'{}').hexdigest()
+  text = (tmp_path / 'r' / 'study.md').read_text()
+  assert '| n10_one_label_w3 | semseg/mIoU | 50.500 ± 0.707 | 36.000 ± 0.000 | +0.00 [+0.00, +0.00] |' \
+         ' +6.00 [+6.00, +6.00] |' in text
+  assert 'pilot: lambda 1, 3 at 3 steps, seeds 4, best 3.0' in text
+  assert '11 of 11 planned runs finished' in text
+  assert '| pilot_n10_w3 | 1 |' in text
+
+
+def test_split_metrics_score_each_task_on_kept_and_dropped_images(config):
+  """A stand-in batch: perfect predictions on the images whose semseg label was kept."""
+  from cmtdp_jax import train  # pylint: disable=import-outside-toplevel
+  from cmtdp_jax.data import pipeline  # pylint: disable=import-outside-toplevel
+  config.tasks = ('semseg', 'depth')
+  mapping = {'a': ['semseg', 'depth'], 'b': ['semseg'], 'c': ['depth']}
+  metrics = ablation.split_metrics(config, mapping)
+  assert sorted(metrics) == ['depth@dropped', 'depth@kept', 'semseg@dropped', 'semseg@kept']
+  labels = np.zeros((3, 4, 4), np.int32)
+  labels[:, :2] = 1
+  wrong = np.where(labels == 1, 2, 1)
+  depth = np.ones((3, 4, 4), np.float32)
+  batch = {'id': np.array([b'a', b'b', b'c']), 'mask': np.ones(3, bool),
+           'offset': np.zeros((3, 2), np.int32), 'size': np.full((3, 2), 4, np.int32),
+           'semseg': labels, 'depth': depth}
+  predictions = {'semseg': np.stack([labels[0], labels[1], wrong[2]]),
+                 'depth': np.stack([depth[0] * 2, depth[1] * 3, depth[2]])}
+  pipeline.update_metrics(metrics, batch, predictions)
+  results = train._merge_across_hosts(metrics)  # pylint: disable=protected-access
+  assert results['semseg/mIoU@kept'] > 0 and results['semseg/mIoU@dropped'] == 0.0
+  assert results['semseg/images@kept'] == 2 and results['semseg/images@dropped'] == 1
+  assert results['depth/rmse@kept'] == pytest.approx(np.sqrt(0.5))  # a, c: errors 1 and 0
+  assert results['depth/rmse@dropped'] == pytest.approx(2.0)  # b
+
+
+def test_readme_section_is_the_summary(tmp_path, monkeypatch, config):
+  monkeypatch.setattr(ablation.train, 'train_and_evaluate', _fake_training([]))
+  monkeypatch.setattr(ablation, 'regularizer_share', lambda workdir: None)
+  readme = tmp_path / 'README.md'
+  readme.write_text('# x\n<!-- study table -->\nold\n<!-- /study table -->\nafter\n')
+  ablation.run_study(config, str(tmp_path / 'w'), str(tmp_path / 'docs' / 'r'), [0.0, 1.0], [10],
+                     [0], [], [], False, readme=str(readme))
+  text = readme.read_text()
+  summary = (tmp_path / 'docs' / 'r' / 'study.md').read_text()
+  assert text == ('# x\n<!-- study table -->\n' + summary +
+                  '\n![delta_m against lambda](docs/r/delta_m.png)\n<!-- /study table -->\nafter\n')
+  readme.write_text('no markers')
+  with pytest.raises(ValueError, match='--readme .*README.md: needs one'):
+    ablation.run_study(config, str(tmp_path / 'w'), str(tmp_path / 'docs' / 'r'), [0.0], [10],
+                       [0], [], [], False, readme=str(readme))
+
+
+def test_fingerprint_sees_a_change_of_the_update_that_leaves_the_losses_alone(monkeypatch):
+  """What the NaN guard did: the same losses, other parameters after the step."""
+  from configs import synthetic  # pylint: disable=import-outside-toplevel
+  from cmtdp_jax import steps  # pylint: disable=import-outside-toplevel
+  monkeypatch.undo()  # the real probe
+  config = synthetic.get_config('smoke')
+  config.tasks = TASKS
+  config.model.backbone_kwargs.width = 4
+  config.model.head_channels = 8
+  first = ablation.numerics_fingerprint(config, probe_steps=1)
+  assert first['key'] == ablation.fingerprint_hash(first) and len(first['key']) == 12
+  assert first['cpu'] == ablation.cpu_model() and first['devices'] >= 1
+  assert set(first['probe']['on']['losses'][0]) == {
+      'grad_norm', 'loss/semseg', 'loss/depth', 'loss/contrastive', 'loss/total'}
+  original = steps.compute_losses
+
+  def rescaled(*args):
+    total, aux = original(*args)
+    return total * (1.0 + 2.0 ** -10), aux  # the gradient, not the logged losses
+
+  monkeypatch.setattr(steps, 'compute_losses', rescaled)
+  changed = ablation.numerics_fingerprint(config, probe_steps=1)
+  assert changed['key'] != first['key']
+  for part in ('off', 'on'):
+    assert changed['probe'][part]['losses'][0]['loss/total'] == (
+        first['probe'][part]['losses'][0]['loss/total'])
+    assert changed['probe'][part]['params_sha256'] != first['probe'][part]['params_sha256']

@@ -86,6 +86,11 @@ def test_train_writes_eval_json_table_and_checkpoints(runs):
   assert re.search(r'^step 1/12 \| .*semseg .* \| first step [\d.]+s \(compile [\d.]+s\)$',
                    out, re.MULTILINE), out
   assert out.index('step 1/12') < out.index('step 10/12')
+  # ... and its exact losses go to TensorBoard, for the study tool's records.
+  from cmtdp_jax.tools import ablation  # pylint: disable=import-outside-toplevel
+  first = ablation.first_step_losses(runs['whole'])
+  total = np.array(int(first['loss/total'], 16), np.uint32).view(np.float32)
+  assert f'total {total:.4f} |' in out.split('step 1/12')[1].splitlines()[0]
   assert re.search(r'^evaluation: 16/16 images \(100%\) \| [\d.]+ images/s \| done in', out,
                    re.MULTILINE), out
   assert '\r' not in out and '\x1b' not in out

@@ -27,12 +27,12 @@ def eval_metrics(config, source: pipeline.Source) -> dict:
 
 
 def update_metrics(metrics, batch, predictions) -> None:
-  """Adds every real example of a host-local eval batch to `metrics` ({task:
-  Metric}; each keeps only the images in its `image_ids`), prediction and label
-  cropped back to the original image."""
+  """Adds every real example of a host-local eval batch to `metrics` ({name:
+  Metric}, each scoring its `task`, keeping only the images in its `image_ids`),
+  prediction and label cropped back to the original image."""
   for i in np.flatnonzero(batch['mask']):
     offset, size = batch['offset'][i], batch['size'][i]
     image_id = batch['id'][i].decode() if 'id' in batch else None
-    for task, metric in metrics.items():
-      metric.update(augment.crop_to_original(predictions[task][i], offset, size),
-                    augment.crop_to_original(batch[task][i], offset, size), ids=image_id)
+    for metric in metrics.values():
+      metric.update(augment.crop_to_original(predictions[metric.task][i], offset, size),
+                    augment.crop_to_original(batch[metric.task][i], offset, size), ids=image_id)
