@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import subprocess
@@ -311,7 +310,8 @@ def test_pilot_picks_the_weight_and_partial_regimes_get_the_label_split(tmp_path
   monkeypatch.setattr(ablation.train, 'train_and_evaluate', training)
   monkeypatch.setattr(ablation, 'regularizer_share', lambda workdir: None)
   monkeypatch.setattr(ablation, 'split_by_label', split)
-  monkeypatch.setattr(ablation, 'load_label_mapping', lambda run_dir: {})
+  mapping = {'00000': ('semseg',), '00001': ('depth',)}
+  monkeypatch.setattr(ablation.label_mapping, 'load', lambda run_dir: mapping)
   summary = ablation.run_study(config, str(tmp_path / 'w'), str(tmp_path / 'r'),
                                [0.0, 'pilot'], [10], [0, 1], [], [], False,
                                regimes=['full', 'one_label'], pilot_weights=[1.0, 3.0],
@@ -331,7 +331,7 @@ def test_pilot_picks_the_weight_and_partial_regimes_get_the_label_split(tmp_path
   assert cell['split']['semseg/mIoU@kept']['mean'] == pytest.approx(50.5)
   assert summary['cells']['n10_w3']['split'] is None
   record = json.loads((tmp_path / 'r' / 'aaaaaaaaaaaa' / 'n10_one_label_w0_seed1.json').read_text())
-  assert record['label_mapping_sha256'] == hashlib.sha256(b'{}').hexdigest()
+  assert record['label_mapping_sha256'] == ablation.label_mapping.sha256(mapping)
   text = (tmp_path / 'r' / 'study.md').read_text()
   assert '| n10_one_label_w3 | semseg/mIoU | 50.500 ± 0.707 | 36.000 ± 0.000 | +0.00 [+0.00, +0.00] |' \
          ' +6.00 [+6.00, +6.00] |' in text
@@ -343,7 +343,7 @@ def test_pilot_picks_the_weight_and_partial_regimes_get_the_label_split(tmp_path
 def test_split_metrics_score_each_task_on_kept_and_dropped_images(config):
   """A stand-in batch: perfect predictions on the images whose semseg label was kept."""
   from cmtdp_jax import train  # pylint: disable=import-outside-toplevel
-  from cmtdp_jax.data import pipeline  # pylint: disable=import-outside-toplevel
+  from cmtdp_jax.evaluation import scoring  # pylint: disable=import-outside-toplevel
   config.tasks = ('semseg', 'depth')
   mapping = {'a': ['semseg', 'depth'], 'b': ['semseg'], 'c': ['depth']}
   metrics = ablation.split_metrics(config, mapping)
@@ -357,12 +357,33 @@ def test_split_metrics_score_each_task_on_kept_and_dropped_images(config):
            'semseg': labels, 'depth': depth}
   predictions = {'semseg': np.stack([labels[0], labels[1], wrong[2]]),
                  'depth': np.stack([depth[0] * 2, depth[1] * 3, depth[2]])}
-  pipeline.update_metrics(metrics, batch, predictions)
+  scoring.update_metrics(metrics, batch, predictions)
   results = train._merge_across_hosts(metrics)  # pylint: disable=protected-access
   assert results['semseg/mIoU@kept'] > 0 and results['semseg/mIoU@dropped'] == 0.0
   assert results['semseg/images@kept'] == 2 and results['semseg/images@dropped'] == 1
   assert results['depth/rmse@kept'] == pytest.approx(np.sqrt(0.5))  # a, c: errors 1 and 0
   assert results['depth/rmse@dropped'] == pytest.approx(2.0)  # b
+
+
+def test_a_partial_label_run_records_its_kept_and_dropped_split(tmp_path, data_dir):
+  """One real one_label run through the tool (tiny): it trains, evaluates, then scores the
+  training images by whether each task's label was kept, with the mapping it wrote."""
+  from tests.conftest import tiny_config  # pylint: disable=import-outside-toplevel
+  config = tiny_config(data_dir, **{'tasks': ('semseg', 'depth'), 'num_steps': 2,
+                                    'eval_batch_size': 16})
+  record = ablation.train_run(config, str(tmp_path / 'w'), str(tmp_path / 'r'),
+                              ablation.Cell(32, 1.0, regime='one_label'), 0, dict(FINGERPRINT))
+  mapping = ablation.label_mapping.load(str(tmp_path / 'w' / FINGERPRINT['key'] /
+                                            'n32_one_label_w1_seed0'))
+  assert record['label_mapping_sha256'] == ablation.label_mapping.sha256(mapping)
+  kept = sum('semseg' in tasks for tasks in mapping.values())
+  assert kept == 16  # one_label over two tasks
+  split = record['split_metrics']
+  assert split['semseg/images@kept'] == kept and split['semseg/images@dropped'] == 32 - kept
+  assert split['depth/images@kept'] == 32 - kept and np.isfinite(split['depth/rmse@dropped'])
+  saved = json.loads((tmp_path / 'r' / FINGERPRINT['key'] / 'n32_one_label_w1_seed0.json')
+                     .read_text())
+  assert saved['split_metrics'] == split
 
 
 def test_readme_section_is_the_summary(tmp_path, monkeypatch, config):

@@ -316,6 +316,24 @@ def test_synthetic_batches_carry_the_mapping_without_changing_data_or_augmentati
       assert kept == set(mapping[ids[position]])
 
 
+@pytest.mark.parametrize('num_processes', [1, 3])
+def test_eval_batches_of_a_split_without_ids_name_images_by_position(data_dir, monkeypatch,
+                                                                     num_processes):
+  """Evaluating the train split (the study's kept/dropped split) scores images by the ids of
+  the label mapping: for synthetic, their positions, also when each process reads a part."""
+  from cmtdp_jax.data import pipeline  # pylint: disable=import-outside-toplevel
+  config = tiny_config(data_dir)
+  config.eval_batch_size = 6
+  source = pipeline.open_split(config.data, 'train', config.tasks)
+  seen = []
+  monkeypatch.setattr(jax, 'process_count', lambda: num_processes)
+  for process in range(num_processes):
+    monkeypatch.setattr(jax, 'process_index', lambda process=process: process)
+    for batch in pipeline.eval_dataset(source, config).as_numpy_iterator():
+      seen += [i.decode() for i in batch['id'][batch['mask']]]
+  assert seen == pipeline.split_ids(source)
+
+
 @pytest.mark.parametrize('name', ['nyud', 'pascal_context'])
 def test_real_dataset_train_split_gets_a_mapping_and_labelled_batches(tmp_path, name):
   from cmtdp_jax.data import pipeline  # pylint: disable=import-outside-toplevel

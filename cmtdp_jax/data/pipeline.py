@@ -129,12 +129,13 @@ def _read(source: Source, split: str, with_id: bool = False):
   return ds.map(lambda r: {k: r[feature] for k, feature in keys.items()})
 
 
-def _with_ids(records: tf.data.Dataset) -> tf.data.Dataset:
-  """`records` of a whole split with an 'id' each: the dataset's own, or for datasets
-  without one (synthetic) the record's position in the split, '%05d' (`label_mapping`)."""
+def _with_ids(records: tf.data.Dataset, first_position: int = 0) -> tf.data.Dataset:
+  """`records` (of a split, from its `first_position`-th record on) with an 'id' each: the
+  dataset's own, or for datasets without one (synthetic) the record's position in the
+  split, '%05d' (`label_mapping`)."""
   if 'id' in records.element_spec:
     return records
-  return records.enumerate().map(
+  return records.enumerate(start=first_position).map(
       lambda position, r: dict(r, id=tf.strings.as_string(position, width=5, fill='0')))
 
 
@@ -237,15 +238,18 @@ def eval_dataset(source: Source, config) -> tf.data.Dataset:
   padding examples), and each batch carries a 'mask' of real examples, so the
   jitted eval step never sees a ragged batch and padding never counts.
 
-  Images are padded centred to the largest of the batch, at least
+  Every example has an 'id' (`_with_ids`). Images are padded centred to the largest of the batch, at least
   `eval_crop_size` (default: the crop size), as ATRC does; 'size' and
   'offset' locate each original image (`augment.crop_to_original`). The
   protocol datasets give every batch one shape; a dataset whose images vary
   beyond `eval_crop_size` compiles the predict step once per batch shape.
   """
   per_host = config.eval_batch_size // jax.process_count()
-  split = tfds.split_for_jax_process(source.split, drop_remainder=False)
-  local = _read(source, split, with_id=True)
+  # tfds.split_for_jax_process, with where this process's part starts (for `_with_ids`).
+  parts = tfds.even_splits(source.split, n=jax.process_count(), drop_remainder=False)
+  process = jax.process_index()
+  first = sum(source.builder.info.splits[part].num_examples for part in parts[:process])
+  local = _with_ids(_read(source, parts[process], with_id=True), first)
   most_per_host = -(-source.num_examples // jax.process_count())
   num_batches = -(-most_per_host // per_host)
   decode = _decoder(source)

@@ -6,9 +6,9 @@ prediction per task, also logged to TensorBoard) and `edges/<name>.png` (edge
 probabilities for SEISM, see `export_edge_pngs`). Every output is cropped back
 to the image's size before padding.
 
-`<name>` is the image id for datasets that have one (NYUD, PASCAL), else the
-image's index in the eval order (prefixed with the process index when several
-processes evaluate); the original size comes with every eval batch.
+`<name>` is the image id: the dataset's (NYUD, PASCAL) or, for datasets without
+one, the image's position in the eval split (`pipeline.eval_dataset`); the
+original size comes with every eval batch.
 
 Imports TensorFlow (through `data.augment`); `cmtdp_jax.evaluation` does not
 import this module, so the metrics stay TF-free.
@@ -102,11 +102,6 @@ class EvalOutputs:
                num_visualize=options.num_visualize, export_edges=options.export_edges,
                writer=writer, step=step)
 
-  def _name(self, index: int) -> str:
-    if jax.process_count() > 1:
-      return f'{jax.process_index()}-{index:05d}'
-    return f'{index:05d}'
-
   def add(self, batch: dict[str, np.ndarray], predictions: dict[str, np.ndarray]):
     """One host-local eval batch (with its 'mask' of real examples) and its predictions."""
     predictions = {t: np.asarray(predictions[t]) for t in self.task_names}
@@ -116,7 +111,7 @@ class EvalOutputs:
         return augment.crop_to_original(np.asarray(x[i]), batch['offset'][i], batch['size'][i])
       example = {k: original(batch[k]) for k in ('image',) + self.task_names}
       predicted = {t: original(predictions[t]) for t in self.task_names}
-      name = batch['id'][i].decode() if 'id' in batch else self._name(self.count)
+      name = batch['id'][i].decode()
       if self.save_predictions:
         os.makedirs(os.path.join(self.folder, 'predictions'), exist_ok=True)
         np.savez_compressed(os.path.join(self.folder, 'predictions', f'{name}.npz'), **predicted)

@@ -84,6 +84,7 @@ from scipy import stats as scipy_stats
 
 from cmtdp_jax import config_lib
 from cmtdp_jax import evaluation
+from cmtdp_jax import label_mapping
 from cmtdp_jax import tasks as tasks_lib
 from cmtdp_jax import train
 
@@ -334,12 +335,6 @@ def _repository_root() -> str:
   return os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def load_label_mapping(run_dir: str) -> dict[str, list[str]]:
-  """{image id: [tasks whose labels were kept]} of a partial-label run."""
-  with open(os.path.join(run_dir, 'label_mapping.json')) as f:
-    return json.load(f)
-
-
 def split_by_label(config, run_dir: str, mapping: dict) -> dict[str, float]:
   """The trained model of `run_dir` on the training images (every label, no augmentation):
   each task's metrics on the images whose label for it was kept ('<key>@kept') and on those
@@ -399,11 +394,10 @@ def train_run(config, workdir: str, results_dir: str, cell: Cell, seed: int,
             'finished': datetime.datetime.now(datetime.timezone.utc).isoformat(
                 timespec='seconds')}
   if regime_labels(cell.regime)[0]:
-    mapping = load_label_mapping(run_dir)
+    mapping = label_mapping.load(run_dir)
     record['split_metrics'] = split_by_label(run_config, run_dir, mapping)
     # Both runs of a pair must have trained on the same labels: this says whether they did.
-    record['label_mapping_sha256'] = hashlib.sha256(
-        json.dumps(mapping, sort_keys=True).encode()).hexdigest()
+    record['label_mapping_sha256'] = label_mapping.sha256(mapping)
   folder = os.path.join(results_dir, key)
   os.makedirs(folder, exist_ok=True)
   # Whole or not at all: a record's file says that the run finished.
