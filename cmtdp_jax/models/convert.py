@@ -165,7 +165,8 @@ def convert_torch_state_dict(arch: str, state_dict: Mapping[str, Any]) -> dict[s
     flat[path] = value
   missing = [flax_to_torch_key(p) for p in expected if p not in flat]
   if missing or unexpected or misshaped:
-    hint = ' (a checkpoint of another arch?)' if len(missing) > len(expected) // 2 else ''
+    wrong = len(missing) + len(misshaped) > len(expected) // 2
+    hint = ' (a checkpoint of another arch?)' if wrong else ''
     raise CheckpointMismatchError(_mismatch_report(
         f'state_dict does not match {arch}{hint}', missing, unexpected, misshaped))
   return traverse_util.unflatten_dict(flat)

@@ -68,11 +68,13 @@ def main(argv=None) -> None:
     raise SystemExit(f'error: {e}') from None
   dst = convert.save_npz(args.dst, variables, args.arch)
   count = sum(v.size for v in jax.tree.leaves(variables['params']))
-  options = convert.checkpoint_options(args.arch, state)
-  untouched = ' and '.join(convert.NEW_LAYERS.get(args.arch, ()))
-  print(f'wrote {dst}: {args.arch} backbone{f" {options}" if options else ""}, {count:,} '
-        f'parameters (from {len(state)} source tensors; classification head dropped'
-        f'{f"; the {untouched} is not in the checkpoint and stays as initialised" if untouched else ""})')
+  notes = ['classification head dropped']
+  notes += [f'the {layer} is not in the checkpoint and stays as initialised'
+            for layer in convert.NEW_LAYERS.get(args.arch, ())]
+  notes += [f'backbone_kwargs.{k}={v}' for k, v in
+            convert.checkpoint_options(args.arch, state).items()]
+  print(f'wrote {dst}: {args.arch} backbone, {count:,} parameters '
+        f'(from {len(state)} source tensors; {"; ".join(notes)})')
 
 
 if __name__ == '__main__':
