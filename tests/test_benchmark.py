@@ -24,6 +24,7 @@ def test_cli_compiles_each_step_once_and_writes_json(tmp_path):
   out = tmp_path / 'bench.json'
   cmd = [sys.executable, '-m', 'cmtdp_jax.benchmark', '--config=configs/synthetic.py:smoke',
          '--steps=3', '--warmup=1', f'--json={out}', "--config.tasks=('semseg','edge')",
+         '--config.data.crop_size=(32,32)',
          '--nopipeline', '--eval_images=2', '--edge_workers=1', '--compare_torch',
          f'--profile_dir={tmp_path / "profile"}']
   # Two devices: a sharding mismatch between steps would only show with several.
