@@ -15,12 +15,12 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from cmtdp_jax import benchmark, train
+from cmtdp_jax import benchmark, models, steps, train
 from cmtdp_jax.models import backbones, convert
 from cmtdp_jax.models.backbones import vit
 from cmtdp_jax.tools import convert_weights
 from tests.conftest import tiny_config
-from tests.test_train_step import build, run_steps
+from tests.test_train_step import run_steps
 
 GOLDEN_DIR = os.path.join(os.path.dirname(__file__), 'golden')
 sys.path.insert(0, GOLDEN_DIR)
@@ -268,19 +268,19 @@ def test_training_loads_pretrained_vit(tmp_path):
   """train.py's pretrained path works for a backbone without batch statistics."""
   config = tiny_config(**{'model.backbone': 'vit_s16', 'model.backbone_kwargs': dict(TINY),
                           'model.backbone_kwargs_for': 'vit_s16', 'tasks': ('semseg',)})
-  variables = backbones.get_backbone('vit_s16', **TINY).init(jax.random.key(3),
-                                                             jnp.zeros((1, 32, 32, 3)))
+  model = models.get_model(config.model, ('semseg',), {'semseg': 3})
+  initial = jax.jit(model.init, static_argnames='train')(
+      jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False)
+  state = steps.TrainState(step=0, params={'model': initial['params']},
+                           batch_stats=initial['batch_stats'], opt_state=None,
+                           nonfinite_steps=0, nonfinite_streak=0)
   flat = {('params', *p): np.asarray(v) + 1.0
-          for p, v in traverse_util.flatten_dict(variables['params']).items()
+          for p, v in traverse_util.flatten_dict(initial['params']['backbone']).items()
           if p[0] not in convert.NEW_LAYERS['vit_s16']}
-  path = convert.save_npz(str(tmp_path / 'tiny'), traverse_util.unflatten_dict(flat), 'vit_s16')
-  config.model.pretrained = path
-  mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ('data',))
-  _, state, _ = build(config, mesh)
-  state = jax.device_get(state)
-  sharding_tree = jax.tree.map(lambda _: jax.sharding.SingleDeviceSharding(jax.devices()[0]),
-                               state)
-  loaded = train._load_pretrained_backbone(state, config.model, sharding_tree)  # pylint: disable=protected-access
+  config.model.pretrained = convert.save_npz(
+      str(tmp_path / 'tiny'), traverse_util.unflatten_dict(flat), 'vit_s16')
+  loaded = train._load_pretrained_backbone(  # pylint: disable=protected-access
+      state, config.model, jax.sharding.SingleDeviceSharding(jax.devices()[0]))
   backbone = loaded.params['model']['backbone']
   np.testing.assert_array_equal(backbone['pos_embed'], flat['params', 'pos_embed'])
   jax.tree.map(np.testing.assert_array_equal, backbone['pyramid'],

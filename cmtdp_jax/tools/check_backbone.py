@@ -1,7 +1,8 @@
 """Checks a ViT backbone against timm: same random weights, same image, same tokens.
 
   python -m cmtdp_jax.tools.check_backbone --backbone vit_s16 --timm vit_small_patch16_224
-  python -m cmtdp_jax.tools.check_backbone --backbone vit_l16 --timm vit_large_patch16_384 --size 384
+  python -m cmtdp_jax.tools.check_backbone --backbone vit_l16 --timm vit_large_patch16_384 \
+      --size 384
   python -m cmtdp_jax.tools.check_backbone --backbone vit_b16 --timm vit_base_patch16_224 \\
       --image-size 448 576   # exercises the position embedding resize (timm dynamic_img_size)
 

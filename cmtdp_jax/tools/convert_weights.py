@@ -3,9 +3,8 @@
   python -m cmtdp_jax.tools.convert_weights --arch hrnet_w18_small_v2 \
       --src hrnet_w18_small_model_v2.pth --dst hrnet_w18_small_v2.npz
 
-  python -m cmtdp_jax.tools.convert_weights --arch vit_b16 \
-      --src B_16-i21k-300ep-lr_0.001-aug_medium1-wd_0.1-do_0.0-sd_0.0--imagenet2012-steps_20k-lr_0.01-res_224.npz \
-      --dst vit_b16.npz
+  python -m cmtdp_jax.tools.convert_weights --arch vit_b16 --dst vit_b16.npz --src \
+      B_16-i21k-300ep-lr_0.001-aug_medium1-wd_0.1-do_0.0-sd_0.0--imagenet2012-steps_20k-lr_0.01-res_224.npz
 
 .safetensors files and the original Google ViT .npz checkpoints (vit_jax /
 AugReg, as timm's `_load_weights` reads them) are read without PyTorch;
@@ -54,7 +53,8 @@ def read_state_dict(path: str) -> dict[str, np.ndarray]:
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--arch', required=True, help=f"one of {', '.join(convert.ARCHS)}")
-  parser.add_argument('--src', required=True, help='.pth, .pt, .safetensors or (ViT) original .npz checkpoint')
+  parser.add_argument('--src', required=True,
+                      help='.pth, .pt, .safetensors or (ViT) original .npz checkpoint')
   parser.add_argument('--dst', required=True, help='output .npz')
   args = parser.parse_args(argv)
   if args.arch not in convert.ARCHS:

@@ -75,7 +75,7 @@ def resize_matrix(in_size: int, out_size: int) -> np.ndarray:
 
 
 def resize_grid(grid, height: int, width: int):
-  """Resizes (..., H, W, C) `grid` to (..., height, width, C) as timm resizes position embeddings."""
+  """Resizes (..., H, W, C) `grid` to (..., height, width, C) as timm resizes pos. embeddings."""
   if grid.shape[-3:-1] == (height, width):
     return grid
   rows = jnp.asarray(resize_matrix(grid.shape[-3], height), jnp.float32)
