@@ -97,8 +97,9 @@ def test_output_shapes_strides_and_dtypes():
   _, (outputs, variables) = _abstract_init('vit_s16', dtype=jnp.bfloat16, **TINY)
   assert all(o.dtype == jnp.bfloat16 for o in outputs)
   assert all(v.dtype == jnp.float32 for v in jax.tree.leaves(variables))
-  with pytest.raises(ValueError, match=r'taps=\(0, 1, 2\) must be 4 block indices in \[0, 2\)'):
-    _abstract_init('vit_s16', **TINY, taps=(0, 1, 2))
+  for taps in [(0, 1, 1), (1, 0, 1, 1), (0, 0, 1, 2)]:
+    with pytest.raises(ValueError, match=r'must be 4 ascending block indices in \[0, 2\)'):
+      _abstract_init('vit_s16', **TINY, taps=taps)
 
 
 def test_remat_stores_fewer_activations():

@@ -191,7 +191,8 @@ class VisionTransformer(nn.Module):
     dim, depth, num_heads, mlp_ratio, patch_size: the trunk's shape.
     img_size: the square input size the stored position embedding is laid out
       for (224 or 384 for timm's checkpoints); other input sizes resize it.
-    taps: indices of the blocks that feed the pyramid (default: `default_taps`).
+    taps: ascending indices of the blocks that feed the pyramid, finest level
+      first (default: `default_taps`); blocks after the last are not built.
     pyramid_channels: channels of every pyramid level.
     remat: recompute every block in the backward pass (nn.remat) instead of
       storing its activations.
@@ -218,8 +219,8 @@ class VisionTransformer(nn.Module):
   @property
   def block_indices(self) -> tuple[int, ...]:
     taps = default_taps(self.depth) if self.taps is None else tuple(self.taps)
-    if len(taps) != 4 or not all(0 <= t < self.depth for t in taps):
-      raise ValueError(f'ViT taps={taps} must be 4 block indices in [0, {self.depth})')
+    if len(taps) != 4 or list(taps) != sorted(taps) or not 0 <= taps[0] <= taps[-1] < self.depth:
+      raise ValueError(f'ViT taps={taps} must be 4 ascending block indices in [0, {self.depth})')
     return taps
 
   def setup(self):
