@@ -6,6 +6,7 @@ with tests/golden/make_vit_golden.py); the live comparison at full size is
 """
 
 import functools
+import importlib.util
 import os
 import sys
 
@@ -18,7 +19,7 @@ from flax import traverse_util
 from cmtdp_jax import benchmark, models, steps, train
 from cmtdp_jax.models import backbones, convert
 from cmtdp_jax.models.backbones import vit
-from cmtdp_jax.tools import convert_weights
+from cmtdp_jax.tools import check_backbone, convert_weights
 from tests.conftest import tiny_config
 from tests.test_train_step import run_steps
 
@@ -309,3 +310,11 @@ def test_fsdp_shards_vit_params_and_matches_one_device():
     assert leaf.addressable_shards[0].data.size * 2 == leaf.size
   for a, b in zip(jax.tree.leaves(state_fsdp.params), jax.tree.leaves(state_one.params)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+
+
+def test_check_backbone_without_torch_says_so():
+  """The parity tool needs torch and timm (CI has neither): without them, one error line."""
+  if importlib.util.find_spec('torch') and importlib.util.find_spec('timm'):
+    pytest.skip('torch and timm are installed: check_backbone would run')
+  with pytest.raises(SystemExit, match='error: check_backbone needs torch and timm'):
+    check_backbone.main(['--backbone', 'vit_s16', '--timm', 'vit_small_patch16_224'])
