@@ -348,17 +348,18 @@ class ViTMultiTask(nn.Module):
   head_channels: int | None = None
   dtype: Dtype = jnp.float32
 
-  # Attention heads: the most heads of at least 64 channels that divide the coarsest width.
   head_dim: ClassVar[int] = 64
+
+  @classmethod
+  def attention_heads(cls, channels: int) -> int:
+    """The most heads of at least `head_dim` channels that divide `channels` (1 if none)."""
+    return next(h for h in range(max(channels // cls.head_dim, 1), 0, -1) if channels % h == 0)
 
   @nn.compact
   def __call__(self, images, train: bool = False):
     tasks = [t for t, _ in self.task_channels]
     scales = self.backbone(images, train=train)
-    channels = scales[-1].shape[-1]
-    num_heads = next(h for h in range(max(channels // self.head_dim, 1), 0, -1)
-                     if channels % h == 0)
-    refined = CrossTaskAttention(tasks, num_heads, self.dtype,
+    refined = CrossTaskAttention(tasks, self.attention_heads(scales[-1].shape[-1]), self.dtype,
                                  name='cross_task')(scales[-1])
     predictions, features = {}, {}
     for task, out_channels in self.task_channels:
