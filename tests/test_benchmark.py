@@ -54,6 +54,9 @@ def test_cli_compiles_each_step_once_and_writes_json(tmp_path):
   assert results['inference_equal'] == {'flops': True, 'params': True, 'memory_plan': True}
   assert results['regularizer_overhead']['step_time_ratio'] > 0
   assert results['regularizer_overhead']['extra_trained_params'] > 0
+  overhead = results['regularizer_overhead']
+  assert overhead['flops_share'] == pytest.approx(1 - 1 / overhead['flops_ratio'])
+  assert 0 < overhead['flops_share'] < 1
   assert results['mfu'] is None  # CPU: no peak, achieved FLOP/s instead
   assert results['evaluation']['images_per_s_per_task']['edge'] > 0
   assert results['input_pipeline'] == {'skipped': 'off'}
