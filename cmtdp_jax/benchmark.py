@@ -13,7 +13,9 @@ exactly the same FLOPs either way. The tf.data pipeline is timed only where
 TensorFlow is importable, and evaluation (all task metrics, SEISM odsF
 included) on random predictions of the eval shape. `--compare_torch` times
 the PyTorch reference of the same model (`tools/bench_torch.py`, run from the
-repository root).
+repository root; timm for the ViTs) in one interleaved run: the timed train
+steps alternate between JAX and PyTorch, and JAX / PyTorch is the median of
+the per-pair ratios.
 
 The checks in the JSON's `checks` (one compilation per jitted step, no host
 callbacks in it, the donated state actually reused, equal inference FLOPs)
@@ -177,10 +179,14 @@ def build(config, mesh):
 
 
 def benchmark_variant(config, mesh, num_steps: int, warmup: int, pipelined: bool,
-                      profile_dir: str | None = None) -> dict:
+                      profile_dir: str | None = None, torch_step=None) -> dict:
   """Times the train step, then the predict step, of one config.
 
   With `profile_dir`, the pipelined steps are also recorded by `jax.profiler`.
+  With `torch_step` (a PyTorch train step, `tools/bench_torch.py`), the timed
+  steps alternate between the two frameworks, one JAX step then one PyTorch
+  step, so that both see the same machine load; the PyTorch times are returned
+  as `interleaved_seconds` with JAX's.
   """
   _, trainer, state, train_step, predict_step = build(config, mesh)
   batch = jax.device_put(synthetic_batch(config, config.batch_size, config.data.crop_size),
@@ -201,7 +207,15 @@ def benchmark_variant(config, mesh, num_steps: int, warmup: int, pipelined: bool
     # Everything is on device already: an implicit host transfer would raise here.
     with jax.transfer_guard('disallow'):
       _timed_calls(one_step, warmup)
-      seconds = _timed_calls(one_step, num_steps)
+      if torch_step is None:
+        seconds = _timed_calls(one_step, num_steps)
+      else:
+        _timed_calls(torch_step, warmup + 1)
+        seconds, torch_seconds = [], []
+        for _ in range(num_steps):
+          seconds += _timed_calls(one_step, 1)
+          torch_seconds += _timed_calls(torch_step, 1)
+        result['interleaved_seconds'] = {'jax': seconds, 'torch': torch_seconds}
       if pipelined:  # no wait between steps, as train.py runs them
         start = time.perf_counter()
         for _ in range(num_steps):
@@ -346,9 +360,15 @@ def run_benchmark(config, num_steps: int = 10, warmup: int = 2, *, pipeline: boo
       'eval_image_shape': [*(config.data.eval_crop_size or config.data.crop_size), 3],
       'steps': num_steps, 'warmup': warmup,
   }
+  checks = {}
+  torch_step, results['torch'] = None, {'skipped': 'off'}
+  if compare_torch:
+    results['torch'] = _optional_part('torch', lambda: _torch_train_step(config), checks)
+    torch_step = results['torch'].pop('step', None)
+    torch_peak_memory = results['torch'].pop('peak_memory', None)
   variants = {'with_regularizer' if regularized else 'without_regularizer':
               benchmark_variant(config, mesh, num_steps, warmup, pipelined=True,
-                                profile_dir=profile_dir)}
+                                profile_dir=profile_dir, torch_step=torch_step)}
   if len(config.tasks) >= 2:
     other = config.copy_and_resolve_references()
     with other.unlocked():
@@ -361,8 +381,11 @@ def run_benchmark(config, num_steps: int = 10, warmup: int = 2, *, pipeline: boo
   results['peak_flops_per_s_per_device'] = peak
   results['mfu'] = (None if peak is None else
                     primary['train']['achieved_flops_per_s_per_device'] / peak)
+  if torch_step is not None:
+    results['torch'].update(_interleaved_comparison(config, primary, results['torch']['params']),
+                            peak_memory_bytes=torch_peak_memory())
+    checks['torch_same_param_count'] = results['torch']['same_param_count']
 
-  checks = {}
   for name, variant in variants.items():
     checks[f'{name}/one_compilation'] = (variant['train']['compilations'] == 1 and
                                          variant['train']['jit_cache_size'] == 1)
@@ -375,6 +398,8 @@ def run_benchmark(config, num_steps: int = 10, warmup: int = 2, *, pipeline: boo
         'step_time_ratio': (with_['train']['step_time_s']['median'] /
                             without['train']['step_time_s']['median']),
         'flops_ratio': with_['train']['flops'] / without['train']['flops'],
+        # The regularizer's part of the regularized train step's XLA FLOPs.
+        'flops_share': 1.0 - without['train']['flops'] / with_['train']['flops'],
         'extra_trained_params': with_['params_trained'] - without['params_trained']}
     results['inference_equal'] = {
         'flops': with_['inference']['flops'] == without['inference']['flops'],
@@ -387,12 +412,9 @@ def run_benchmark(config, num_steps: int = 10, warmup: int = 2, *, pipeline: boo
 
   parts = {'input_pipeline': (pipeline, lambda: benchmark_pipeline(config, num_steps, warmup)),
            'evaluation': (evaluation,
-                          lambda: benchmark_evaluation(config, eval_images, edge_workers)),
-           'torch': (compare_torch, lambda: _compare_torch(config, num_steps, warmup, primary))}
+                          lambda: benchmark_evaluation(config, eval_images, edge_workers))}
   for name, (enabled, measure) in parts.items():
     results[name] = _optional_part(name, measure, checks) if enabled else {'skipped': 'off'}
-  if 'same_param_count' in results['torch']:
-    checks['torch_same_param_count'] = results['torch']['same_param_count']
   results['load_average_end'] = list(os.getloadavg())
   return results
 
@@ -407,20 +429,28 @@ def _optional_part(name, measure, checks) -> dict:
     return {'failed': f'{type(e).__name__}: {e}'}
 
 
-def _compare_torch(config, num_steps, warmup, variant) -> dict:
+def _torch_train_step(config) -> dict:
+  """The PyTorch reference's train step on the JAX benchmark's batch (`step`) and what
+  it runs, or why there is none (`skipped`)."""
   try:
     from cmtdp_jax.tools import bench_torch  # pylint: disable=import-outside-toplevel
   except ImportError as e:
     return {'skipped': f'PyTorch reference not importable ({e}); run from the repo root'}
   batch = synthetic_batch(config, config.batch_size, config.data.crop_size)
-  result = bench_torch.run(config, batch, num_steps, warmup)
-  if 'step_seconds' in result:
-    result['step_time_s'] = step_stats(result.pop('step_seconds'))
-    result['images_per_s'] = config.batch_size / result['step_time_s']['median']
-    result['jax_over_torch_images_per_s'] = (variant['train']['images_per_s'] /
-                                             result['images_per_s'])
-    result['same_param_count'] = result['params'] == variant['inference']['params']
-  return result
+  step, info = bench_torch.train_step(config, batch)
+  return info if step is None else {'step': step, **info}
+
+
+def _interleaved_comparison(config, variant, torch_params: int) -> dict:
+  """PyTorch's step times from `variant`'s interleaved run, and JAX / PyTorch images/s
+  as the median over the step pairs of PyTorch's step time over JAX's."""
+  pairs = variant.pop('interleaved_seconds')
+  stats = step_stats(pairs['torch'])
+  return {'step_time_s': stats, 'images_per_s': config.batch_size / stats['median'],
+          'interleaved_seconds': pairs,
+          'jax_over_torch_images_per_s': float(np.median(
+              np.asarray(pairs['torch']) / np.asarray(pairs['jax']))),
+          'same_param_count': torch_params == variant['inference']['params']}
 
 
 def _si(value, unit='') -> str:
@@ -499,7 +529,8 @@ def format_report(results) -> str:
   if 'regularizer_overhead' in results:
     overhead = results['regularizer_overhead']
     lines.append(f"regularizer overhead: step time x{overhead['step_time_ratio']:.3f}, "
-                 f"XLA FLOPs x{overhead['flops_ratio']:.3f}, "
+                 f"XLA FLOPs x{overhead['flops_ratio']:.3f} "
+                 f"({overhead['flops_share']:.2%} of the regularized step), "
                  f"+{overhead['extra_trained_params']:,} trained (projector) parameters")
     same = results['inference_equal']
     lines.append(f"inference with vs without regularizer: FLOPs equal {same['flops']}, "
@@ -516,7 +547,8 @@ def format_report(results) -> str:
           f"{r['images_per_s']:.2f} images/s (median {r['step_time_s']['median'] * 1e3:.1f} "
           f"ms, {r['device']}, torch {r['torch']}, {r['threads']} threads, "
           f"{r['params']:,} parameters); JAX / PyTorch images/s "
-          f"{r['jax_over_torch_images_per_s']:.2f}"))):
+          f"{r['jax_over_torch_images_per_s']:.2f} (median of "
+          f"{len(r['interleaved_seconds']['torch'])} interleaved step pairs)"))):
     part = results[name]
     text = (f"skipped ({part['skipped']})" if 'skipped' in part else
             f"FAILED ({part['failed']})" if 'failed' in part else describe(part))

@@ -23,6 +23,7 @@ from cmtdp_jax import contrastive
 from cmtdp_jax import data as data_lib
 from cmtdp_jax import label_mapping
 from cmtdp_jax import tasks as tasks_lib
+from cmtdp_jax.models.backbones import BACKBONES
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -68,6 +69,9 @@ def base_config() -> ml_collections.ConfigDict:
   config.model.framework = 'baseline'
   config.model.backbone = 'compact'
   config.model.backbone_kwargs = ml_collections.ConfigDict({'width': 16, 'blocks': 1})
+  # The backbone the backbone_kwargs are written for ('' = any): another backbone, e.g.
+  # --config.model.backbone=vit_s16 on a compact config, is built without them.
+  config.model.backbone_kwargs_for = 'compact'
   config.model.head_channels = ml_collections.FieldReference(None, field_type=int)
   config.model.dtype = 'float32'  # compute dtype; params stay float32
   # Recompute the backbone's blocks in the backward pass: less activation memory for
@@ -91,6 +95,7 @@ def base_config() -> ml_collections.ConfigDict:
   config.optim.weight_decay = 5e-4
   config.optim.poly_power = 0.9
   config.optim.warmup_steps = 0
+  config.optim.grad_clip = 0.0  # max global L2 norm of the gradients; 0 = no clipping
 
   config.batch_size = 8  # global, over all hosts and devices
   config.eval_batch_size = 8
@@ -300,6 +305,12 @@ def validate(config, num_devices: int) -> None:
   for name in ('prefetch', 'device_prefetch'):
     if config.data[name] < 0:
       raise ValueError(f'config.data.{name}={config.data[name]} must be >= 0')
+  if config.optim.grad_clip < 0:
+    raise ValueError(f'config.optim.grad_clip={config.optim.grad_clip} must be >= 0 '
+                     '(0 = no clipping)')
+  if config.model.backbone_kwargs_for and config.model.backbone_kwargs_for not in BACKBONES:
+    raise ValueError(f"config.model.backbone_kwargs_for='{config.model.backbone_kwargs_for}' "
+                     f"is not '' or a backbone ({', '.join(sorted(BACKBONES))})")
   if config.num_steps <= 0:
     raise ValueError(f'config.num_steps={config.num_steps} must be positive')
   if config.max_nonfinite_streak <= 0:  # 0 would freeze the state before the first step

@@ -8,6 +8,11 @@ after ':' in `--config file.py:variant`) is a comma-separated list of:
   single_task=<task>    the single-task model of <task> (the reference of delta_m)
 
 e.g. `--config configs/nyud_hrnet18_baseline.py:single_task=depth`.
+
+The ViT configs (`configs/*_vit*_mt.py`) use TaskPrompter's schedule instead
+of ATRC's (`recipe='taskprompter'`, `TASKPROMPTER`): the peers' protocol for
+plain ViTs. Everything else (tasks, augmentation, loss weights, edge
+options, evaluation) is the dataset's ATRC protocol.
 """
 
 from __future__ import annotations
@@ -46,11 +51,30 @@ PROTOCOLS = {
 }
 
 
-def protocol_config(dataset: str, backbone: str, framework: str,
-                    variant: str = '') -> ml_collections.ConfigDict:
-  """Base config with `dataset`'s ATRC protocol, `backbone`, `framework` and `variant`."""
+# TaskPrompter's schedule for ViT-B/L (Ye and Xu, ICLR 2023), from
+# prismformore/Multi-Task-Transformer TaskPrompter/configs/nyud/nyud_vitLp16_taskprompter.yml,
+# pascal/pascal_vit{B,L}p16_taskprompter.yml (trBatch 2 per GPU on 4 GPUs, max_iter 40000,
+# adam lr 2e-5 weight_decay 1e-6, poly, grad_clip_param max_norm 10) and utils/config.py
+# (TRAIN.SCALE: NYUD 448x576, PASCAL 512x512). Its backbones are timm's
+# vit_{base,large}_patch16_384, hence the 384 position-embedding grid. Not taken over:
+# its NYUD edge_w 0.95 and loss weights (the ATRC protocol's stay, as for every config).
+TASKPROMPTER = {
+    'optim': {'name': 'adam', 'lr': 2e-5, 'weight_decay': 1e-6, 'grad_clip': 10.0,
+              'poly_power': 0.9, 'warmup_steps': 0},
+    'crop_size': {'nyud': (448, 576), 'pascal_context': (512, 512)},
+    'img_size': 384,
+}
+RECIPES = ('atrc', 'taskprompter')
+
+
+def protocol_config(dataset: str, backbone: str, framework: str, variant: str = '',
+                    recipe: str = 'atrc') -> ml_collections.ConfigDict:
+  """Base config with `dataset`'s ATRC protocol, `backbone`, `framework` and `variant`;
+  with `recipe='taskprompter'` TaskPrompter's optimizer, schedule and crop size (ViTs)."""
   if dataset not in PROTOCOLS:
     raise ValueError(f"no protocol for dataset '{dataset}' (valid: {', '.join(PROTOCOLS)})")
+  if recipe not in RECIPES:
+    raise ValueError(f"no recipe '{recipe}' (valid: {', '.join(RECIPES)})")
   protocol = PROTOCOLS[dataset]
   config = config_lib.base_config()
   config.tasks = data_lib.get_dataset_spec(dataset).tasks
@@ -82,6 +106,12 @@ def protocol_config(dataset: str, backbone: str, framework: str,
   config.eval.subset_split = protocol.edge_subset
   config.eval.subset_tasks = ('edge',)
   config.eval.edge_ground_truth = protocol.edge_ground_truth
+  if recipe == 'taskprompter':
+    config.data.crop_size = TASKPROMPTER['crop_size'][dataset]
+    config.optim.update(TASKPROMPTER['optim'])
+    config.model.backbone_kwargs = ml_collections.ConfigDict(
+        {'img_size': TASKPROMPTER['img_size']})
+    config.model.backbone_kwargs_for = backbone
 
   _apply_variant(config, variant)
   # Only the trained tasks' options (config_lib.validate would ignore the others with a note).

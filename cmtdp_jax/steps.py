@@ -62,15 +62,31 @@ def learning_rate_schedule(optim_config, total_steps: int):
   return optax.join_schedules([warmup, decay], [optim_config.warmup_steps])
 
 
+OPTIMIZERS = ('sgd', 'adam', 'adamw')
+
+
 def make_optimizer(optim_config, total_steps: int) -> optax.GradientTransformation:
-  """SGD+momentum with coupled weight decay as PyTorch's SGD (SPEC), or AdamW."""
+  """SGD+momentum or Adam with coupled weight decay (wd x params added to the
+  gradient) as PyTorch's SGD (SPEC) and Adam (TaskPrompter), or AdamW.
+
+  With `grad_clip` > 0 the gradients are first scaled to a global L2 norm of
+  at most `grad_clip`, as torch's `clip_grad_norm_` before `optimizer.step()`
+  (so before the weight decay term); 0 = no clipping.
+  """
   schedule = learning_rate_schedule(optim_config, total_steps)
   if optim_config.name == 'sgd':
-    return optax.chain(optax.add_decayed_weights(optim_config.weight_decay),
-                       optax.sgd(schedule, momentum=optim_config.momentum))
-  if optim_config.name == 'adamw':
-    return optax.adamw(schedule, weight_decay=optim_config.weight_decay)
-  raise ValueError(f"config.optim.name='{optim_config.name}' is not one of sgd, adamw")
+    tx = optax.chain(optax.add_decayed_weights(optim_config.weight_decay),
+                     optax.sgd(schedule, momentum=optim_config.momentum))
+  elif optim_config.name == 'adam':
+    tx = optax.chain(optax.add_decayed_weights(optim_config.weight_decay), optax.adam(schedule))
+  elif optim_config.name == 'adamw':
+    tx = optax.adamw(schedule, weight_decay=optim_config.weight_decay)
+  else:
+    raise ValueError(f"config.optim.name='{optim_config.name}' is not one of "
+                     f"{', '.join(OPTIMIZERS)}")
+  if optim_config.grad_clip:
+    return optax.chain(optax.clip_by_global_norm(optim_config.grad_clip), tx)
+  return tx
 
 
 def make_trainer(config, model, total_steps: int) -> Trainer:

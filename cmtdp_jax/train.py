@@ -147,13 +147,17 @@ def _create_state(config, init, abstract, state_sharding, checkpointer):
 
 
 def _load_pretrained_backbone(state, model_config, state_sharding):
-  """Replaces the backbone's params and BN statistics by converted ImageNet weights."""
-  backbone = {'params': state.params['model']['backbone'],
-              'batch_stats': state.batch_stats['backbone']}
+  """Replaces the backbone's params and BN statistics (if any: ViTs have none) by converted
+  ImageNet weights."""
+  backbone = {'params': state.params['model']['backbone']}
+  if 'backbone' in state.batch_stats:
+    backbone['batch_stats'] = state.batch_stats['backbone']
   loaded = convert.load_pretrained(jax.device_get(backbone), model_config.pretrained,
                                    model_config.backbone)
   params = dict(state.params, model=dict(state.params['model'], backbone=loaded['params']))
-  batch_stats = dict(state.batch_stats, backbone=loaded['batch_stats'])
+  batch_stats = state.batch_stats
+  if 'batch_stats' in loaded:
+    batch_stats = dict(batch_stats, backbone=loaded['batch_stats'])
   logging.info('Loaded pretrained backbone from %s', model_config.pretrained)
   return jax.device_put(state.replace(params=params, batch_stats=batch_stats), state_sharding)
 

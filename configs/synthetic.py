@@ -4,6 +4,12 @@
   python -m cmtdp_jax.main --config configs/synthetic.py:smoke --workdir /tmp/smoke
   python -m cmtdp_jax.main --config configs/synthetic.py --workdir /tmp/synthetic \
       --config.contrastive.enable=True
+  python -m cmtdp_jax.main --config configs/synthetic.py:smoke --workdir /tmp/vit_smoke \
+      --config.model.backbone=vit_s16 --config.model.framework=vit_mt \
+      --config.contrastive.enable=True
+
+The compact backbone's options (`model.backbone_kwargs`) are not passed to another
+backbone chosen with --config.model.backbone (`model.backbone_kwargs_for`).
 
 The default run takes a few minutes on 2 CPU cores; `smoke` under a minute.
 """
@@ -47,8 +53,8 @@ def get_config(variant: str = ''):
   if variant == 'smoke':
     config.data.num_train = 64
     config.data.num_eval = 16
-    config.data.image_size = (32, 32)
-    config.data.crop_size = (32, 32)
+    # 64x64 (as the default), not smaller: with --config.model.backbone=vit_s16 a
+    # patch-16 ViT sees a 4x4 token grid (the tests run the compact one at 32x32).
     config.model.backbone_kwargs.width = 8
     config.batch_size = 8
     config.eval_batch_size = 8

@@ -24,6 +24,7 @@ def tiny_config(data_dir='', **overrides):
   config.data.data_dir = data_dir
   config.data.num_train = 32
   config.data.num_eval = 16
+  config.data.image_size = config.data.crop_size = (32, 32)
   config.log_every = 5
   for key, value in overrides.items():
     node = config

@@ -9,6 +9,7 @@ import sys
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from cmtdp_jax import benchmark
@@ -24,6 +25,7 @@ def test_cli_compiles_each_step_once_and_writes_json(tmp_path):
   out = tmp_path / 'bench.json'
   cmd = [sys.executable, '-m', 'cmtdp_jax.benchmark', '--config=configs/synthetic.py:smoke',
          '--steps=3', '--warmup=1', f'--json={out}', "--config.tasks=('semseg','edge')",
+         '--config.data.crop_size=(32,32)',
          '--nopipeline', '--eval_images=2', '--edge_workers=1', '--compare_torch',
          f'--profile_dir={tmp_path / "profile"}']
   # Two devices: a sharding mismatch between steps would only show with several.
@@ -52,6 +54,9 @@ def test_cli_compiles_each_step_once_and_writes_json(tmp_path):
   assert results['inference_equal'] == {'flops': True, 'params': True, 'memory_plan': True}
   assert results['regularizer_overhead']['step_time_ratio'] > 0
   assert results['regularizer_overhead']['extra_trained_params'] > 0
+  overhead = results['regularizer_overhead']
+  assert overhead['flops_share'] == pytest.approx(1 - 1 / overhead['flops_ratio'])
+  assert 0 < overhead['flops_share'] < 1
   assert results['mfu'] is None  # CPU: no peak, achieved FLOP/s instead
   assert results['evaluation']['images_per_s_per_task']['edge'] > 0
   assert results['input_pipeline'] == {'skipped': 'off'}
@@ -92,26 +97,55 @@ def test_pipeline_throughput(data_dir):
   assert result['per_host_batch'] == config.batch_size
 
 
-def test_torch_reference_is_the_same_model():
+@pytest.mark.parametrize('config_name, backbone, size', [
+    ('nyud_hrnet18_baseline', 'hrnet_w18_small_v2', (32, 32)),
+    ('nyud_vitb_mt', 'vit_s16', (64, 48)),  # timm's trunk; 4x3 tokens, padded to 64x64
+])
+def test_torch_reference_is_the_same_model(config_name, backbone, size):
   torch = pytest.importorskip('torch')
+  if backbone.startswith('vit'):
+    pytest.importorskip('timm')
   from cmtdp_jax.tools import bench_torch  # pylint: disable=import-outside-toplevel
-  from configs import nyud_hrnet18_baseline  # pylint: disable=import-outside-toplevel
-  config = nyud_hrnet18_baseline.get_config()
-  config.batch_size, config.data.crop_size = 2, (32, 32)
+  config = importlib.import_module(f'configs.{config_name}').get_config()
+  config.model.backbone = backbone
+  config.batch_size, config.data.crop_size = 2, size
   spec = data_lib.get_dataset_spec(config.data.name)
   model = models.get_model(config.model, config.tasks, spec.num_classes)
   shapes = jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0),
-                          jax.ShapeDtypeStruct((2, 32, 32, 3), jnp.float32))
-  batch = benchmark.synthetic_batch(config, 2, (32, 32))
+                          jax.ShapeDtypeStruct((2, *size, 3), jnp.float32))
+  batch = benchmark.synthetic_batch(config, 2, size)
   threads = torch.get_num_threads()
   torch.set_num_threads(1)  # OpenMP's spinning threads crawl on busy shared cores
   try:
-    result = bench_torch.run(config, batch, num_steps=1, warmup=0)
+    step, info = bench_torch.train_step(config, batch)
+    step()
   finally:
     torch.set_num_threads(threads)
-  assert result['params'] == sum(x.size for x in jax.tree.leaves(shapes['params']))
-  assert len(result['step_seconds']) == 1 and result['step_seconds'][0] > 0
+  assert info['params'] == sum(x.size for x in jax.tree.leaves(shapes['params']))
 
+
+def test_compare_torch_alternates_the_frameworks_step_by_step(monkeypatch):
+  """The interleaved run, with a stand-in for the PyTorch step (CI has no torch)."""
+  torch_step = lambda: None
+  monkeypatch.setattr(benchmark, '_torch_train_step', lambda config: {
+      'step': torch_step, 'params': -1, 'peak_memory': lambda: None})
+  timed, calls = benchmark._timed_calls, []  # pylint: disable=protected-access
+
+  def logged(fn, count):
+    calls.append(('torch' if fn is torch_step else 'other', count))
+    return timed(fn, count)
+  monkeypatch.setattr(benchmark, '_timed_calls', logged)
+  config = tiny_config('', **{'tasks': ('depth',), 'batch_size': 8, 'eval_batch_size': 8})
+  results = benchmark.run_benchmark(config, num_steps=3, warmup=1, pipeline=False,
+                                    evaluation=False, compare_torch=True)
+  first_torch = calls.index(('torch', 2))  # PyTorch's warm-up, then one step of each in turn
+  assert calls[first_torch + 1:first_torch + 7] == [('other', 1), ('torch', 1)] * 3
+  pairs = results['torch']['interleaved_seconds']
+  assert len(pairs['jax']) == len(pairs['torch']) == 3
+  assert results['torch']['jax_over_torch_images_per_s'] == pytest.approx(
+      float(np.median(np.asarray(pairs['torch']) / np.asarray(pairs['jax']))))
+  assert results['checks']['torch_same_param_count'] is False  # -1 parameters
+  assert 'interleaved_seconds' not in results['variants']['without_regularizer']
 
 @pytest.mark.parametrize('kind, dtype, tflops', [
     ('NVIDIA H100 80GB HBM3', 'bfloat16', 989.4),

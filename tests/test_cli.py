@@ -22,7 +22,8 @@ def main_command(workdir, *flags, data_dir='', devices=2):
   """The CLI on the smoke config with a tiny dataset, and its environment."""
   cmd = [sys.executable, '-m', 'cmtdp_jax.main', '--config=configs/synthetic.py:smoke',
          f'--workdir={workdir}', f'--config.data.data_dir={data_dir}',
-         '--config.data.num_train=32', '--config.data.num_eval=16', *flags]
+         '--config.data.num_train=32', '--config.data.num_eval=16',
+         '--config.data.image_size=(32,32)', '--config.data.crop_size=(32,32)', *flags]
   env = dict(os.environ, JAX_NUM_CPU_DEVICES=str(devices), TF_CPP_MIN_LOG_LEVEL='2')
   return cmd, env
 

@@ -26,9 +26,9 @@ CONCAT = sum(8 * 2 ** i for i in range(4))  # compact width 8: all four scales
 # Task feature widths by default: the baseline's C/4, hrnet_head's and
 # mtinet's full concatenation (HighResolutionHead), padnet's 256.
 FEATURE_WIDTHS = {'baseline': CONCAT // 4, 'single_task': CONCAT // 4, 'hrnet_head': CONCAT,
-                  'padnet': 256, 'mtinet': CONCAT}
+                  'padnet': 256, 'mtinet': CONCAT, 'vit_mt': CONCAT // 4}
 AUX_NAMES = {'baseline': (), 'hrnet_head': (), 'single_task': (), 'padnet': ('initial',),
-             'mtinet': ('scale0', 'scale1', 'scale2', 'scale3')}
+             'mtinet': ('scale0', 'scale1', 'scale2', 'scale3'), 'vit_mt': ()}
 
 
 def model_config(framework, dtype='float32', head_channels=None):
@@ -183,7 +183,7 @@ def test_single_task_matches_baseline_head():
 
 
 def test_unknown_framework_lists_valid_ones():
-  with pytest.raises(ValueError, match='valid: baseline, hrnet_head, padnet, mtinet, single_task'):
+  with pytest.raises(ValueError, match='valid: baseline, hrnet_head, padnet, mtinet, single_task, vit_mt'):
     models.get_model(model_config('cross_stitch'), TASKS, NUM_CLASSES)
 
 
@@ -192,3 +192,20 @@ def test_padnet_rejects_width_not_divisible_by_four():
   with pytest.raises(ValueError, match='divisible by 4'):
     jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0),
                    jax.ShapeDtypeStruct(SHAPE, jnp.float32))
+
+
+def test_vit_mt_tasks_attend_to_each_other():
+  """The cross-task stage is what links the heads: one task's token projection
+  changes the other tasks' predictions (the baseline's heads are independent)."""
+  model, x = build('vit_mt'), images()
+  variables = init_variables(model, x)
+
+  def depth_output(semseg_tokens):
+    params = dict(variables['params'])
+    params['cross_task'] = {**params['cross_task'], 'semseg_tokens': semseg_tokens}
+    predictions, _ = model.apply({**variables, 'params': params}, x, train=False)
+    return jnp.sum(predictions['depth'] ** 2)
+
+  grads = jax.jit(jax.grad(depth_output), compiler_options=FAST)(
+      variables['params']['cross_task']['semseg_tokens'])
+  assert all(np.any(g) for g in jax.tree.leaves(grads))

@@ -69,7 +69,8 @@ def test_runs_top_to_bottom_on_the_synthetic_world(tmp_path, monkeypatch):
           # Three tasks of three kinds (classes, depth, edges with their boundary metric):
           # the regularized step over all six compiles several times longer.
           'OVERRIDES': {'tasks': ['semseg', 'depth', 'edge'], 'data.num_train': 16,
-                        'data.num_eval': 8}})
+                        'data.num_eval': 8, 'data.image_size': [32, 32],
+                        'data.crop_size': [32, 32]}})
   with open(output) as f:
     cells = json.load(f)['cells']
   text = '\n'.join(_output_text(c) for c in cells)
@@ -92,7 +93,7 @@ def test_build_config_short_tiny_and_overrides():
   config = notebook_utils.build_config('synthetic', num_steps=7, tiny=True, data_dir='/d',
                                        overrides={'batch_size': 4, 'data.num_train': 12})
   assert config.num_steps == 7 and config.checkpoint_every == 7 and config.log_every == 1
-  assert tuple(config.data.crop_size) == (32, 32)  # the smoke variant
+  assert tuple(config.data.crop_size) == (64, 64)  # the smoke variant
   assert config.batch_size == 4 and config.data.num_train == 12
   assert config.data.data_dir == '/d' and not config.contrastive.enable
   full = notebook_utils.build_config('synthetic', full_protocol=True, num_steps=7)

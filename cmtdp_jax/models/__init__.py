@@ -20,6 +20,7 @@ FRAMEWORKS = {
     'padnet': frameworks.PADNet,
     'mtinet': frameworks.MTINet,
     'single_task': frameworks.SingleTask,
+    'vit_mt': frameworks.ViTMultiTask,
 }
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
@@ -37,7 +38,9 @@ def get_model(model_config, task_names: Sequence[str], num_classes: dict[str, in
     raise ValueError(f"unknown config.model.framework '{model_config.framework}'; "
                      f"valid: {', '.join(FRAMEWORKS)}")
   dtype = compute_dtype(model_config.dtype)
-  options = dict(model_config.get('backbone_kwargs', {}))
+  options = {}
+  if model_config.get('backbone_kwargs_for', '') in ('', model_config.backbone):
+    options.update(model_config.get('backbone_kwargs', {}))
   if model_config.get('remat'):  # only then: registered backbones need not know the option
     options['remat'] = True
   backbone = get_backbone(model_config.backbone, dtype=dtype, **options)

@@ -7,14 +7,25 @@ in both directions:
   stage2.0.fuse_layers.1.0.0.0.weight  <->  params/stage2_0/fuse_layers_1_0_0_0/kernel
   layer1.0.downsample.1.running_var    <->  batch_stats/layer1_0/downsample_1/var
 
-Conv weights go OIHW -> HWIO; BatchNorm weight/bias/running_mean/running_var
-become scale/bias/mean/var. Classification heads and num_batches_tracked are
-dropped; anything else that does not match the backbone is an error.
+Conv weights go OIHW -> HWIO, Linear weights (out, in) -> (in, out); BatchNorm
+and LayerNorm weight/bias/running_mean/running_var become scale/bias/mean/var;
+the ViTs' cls_token and pos_embed keep their names. Classification heads and
+num_batches_tracked are dropped; anything else that does not match the
+backbone is an error.
+
+ViTs: timm state dicts convert the same way (the trunk; the simple feature
+pyramid is not in any checkpoint and stays as initialised, see NEW_LAYERS).
+The position embedding's grid sets the backbone's `img_size` (384 for
+`*_384` checkpoints). Original Google ViT .npz checkpoints (vit_jax / AugReg:
+'Transformer/encoderblock_0/MultiHeadDotProductAttention_1/query/kernel', ...)
+are first renamed to timm's keys by `vit_npz_to_timm`, as timm's
+`vision_transformer._load_weights` does.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 import re
 from typing import Any, Mapping
 
@@ -31,8 +42,16 @@ HEAD_PREFIXES = {
     'hrnet_w48': ('incre_modules.', 'downsamp_modules.', 'final_layer.', 'classifier.'),
     'resnet50': ('fc.',),
     'resnet101': ('fc.',),
+    'vit_s16': ('head.',),
+    'vit_b16': ('head.',),
+    'vit_l16': ('head.',),
 }
 ARCHS = tuple(HEAD_PREFIXES)
+# Top-level submodules of a backbone that no ImageNet checkpoint has: left out
+# of the conversion, and left as initialised by `load_pretrained`.
+NEW_LAYERS = {'vit_s16': ('pyramid',), 'vit_b16': ('pyramid',), 'vit_l16': ('pyramid',)}
+# Parameters stored under their own name (no 'weight'/'bias' leaf).
+_NAMED_PARAMS = ('cls_token', 'pos_embed')
 
 # PyTorch parameter name -> (Flax collection, leaf name); 'weight' of a conv is
 # told apart from a BatchNorm's by its rank.
@@ -42,7 +61,7 @@ _LEAVES = {
     'running_var': ('batch_stats', 'var'),
 }
 _TORCH_LEAF = {'kernel': 'weight', 'scale': 'weight', 'bias': 'bias', 'mean': 'running_mean',
-               'var': 'running_var'}
+               'var': 'running_var', **{name: name for name in _NAMED_PARAMS}}
 NPZ_ARCH_KEY = '__arch__'
 
 
@@ -52,6 +71,8 @@ class CheckpointMismatchError(ValueError):
 
 def torch_to_flax_path(key: str, ndim: int) -> tuple[str, ...] | None:
   """'layer1.0.conv1.weight' (rank 4) -> ('params', 'layer1_0', 'conv1', 'kernel').
+
+  Rank-4 (conv) and rank-2 (Linear) weights are kernels, other weights scales.
 
   None for a parameter kind no backbone has.
   """
@@ -63,7 +84,9 @@ def torch_to_flax_path(key: str, ndim: int) -> tuple[str, ...] | None:
     else:
       names.append(part)
   if leaf == 'weight':
-    collection, leaf = ('params', 'kernel') if ndim == 4 else ('params', 'scale')
+    collection, leaf = ('params', 'kernel') if ndim in (2, 4) else ('params', 'scale')
+  elif leaf in _NAMED_PARAMS:
+    collection = 'params'
   elif leaf in _LEAVES:
     collection, leaf = _LEAVES[leaf]
   else:
@@ -78,13 +101,29 @@ def flax_to_torch_key(path: tuple[str, ...]) -> str:
 
 
 @functools.cache
-def expected_shapes(arch: str) -> dict[tuple[str, ...], tuple[int, ...]]:
-  """Flat {(collection, *path): shape} of backbone `arch`, from an abstract init."""
-  module = get_backbone(arch)
+def expected_shapes(arch: str, **kwargs) -> dict[tuple[str, ...], tuple[int, ...]]:
+  """Flat {(collection, *path): shape} of backbone `arch(**kwargs)` without its NEW_LAYERS."""
+  module = get_backbone(arch, **kwargs)
   variables = jax.eval_shape(functools.partial(module.init, train=False), jax.random.key(0),
                              jax.ShapeDtypeStruct((1, 64, 64, 3), jnp.float32))
+  new_layers = NEW_LAYERS.get(arch, ())
   return {path: tuple(leaf.shape)
-          for path, leaf in traverse_util.flatten_dict(variables).items()}
+          for path, leaf in traverse_util.flatten_dict(variables).items()
+          if path[1] not in new_layers}
+
+
+def checkpoint_options(arch: str, state_dict: Mapping[str, Any]) -> dict[str, int]:
+  """Backbone kwargs a checkpoint implies: a ViT's img_size from its position embedding grid.
+
+  {} when there is nothing to infer (then a wrong pos_embed is reported mis-shaped).
+  """
+  pos_embed = state_dict.get('pos_embed')
+  if arch not in NEW_LAYERS or pos_embed is None or np.ndim(pos_embed) != 3:
+    return {}
+  grid = math.isqrt(np.shape(pos_embed)[1] - 1)
+  if grid * grid != np.shape(pos_embed)[1] - 1:
+    return {}
+  return {'img_size': grid * get_backbone(arch).patch_size}
 
 
 def _mismatch_report(what: str, missing, unexpected, misshaped) -> str:
@@ -97,15 +136,16 @@ def _mismatch_report(what: str, missing, unexpected, misshaped) -> str:
 
 
 def convert_torch_state_dict(arch: str, state_dict: Mapping[str, Any]) -> dict[str, Any]:
-  """Official HRNet / torchvision ResNet state_dict (numpy arrays) -> variables.
+  """Official HRNet / torchvision ResNet / timm ViT state_dict (numpy arrays) -> variables.
 
   Returns {'params': ..., 'batch_stats': ...} for `get_backbone(arch)` (float32
-  numpy leaves). Raises CheckpointMismatchError naming every missing,
-  unexpected or mis-shaped key, in PyTorch names.
+  numpy leaves; ViTs have no 'batch_stats', and their pyramid is left out).
+  Raises CheckpointMismatchError naming every missing, unexpected or
+  mis-shaped key, in PyTorch names.
   """
   if arch not in ARCHS:
     raise ValueError(f"no ImageNet weight conversion for '{arch}'; valid: {', '.join(ARCHS)}")
-  expected = expected_shapes(arch)
+  expected = expected_shapes(arch, **checkpoint_options(arch, state_dict))
   flat, unexpected, misshaped = {}, [], []
   for key, value in state_dict.items():
     if key.endswith('num_batches_tracked') or key.startswith(HEAD_PREFIXES[arch]):
@@ -115,16 +155,18 @@ def convert_torch_state_dict(arch: str, state_dict: Mapping[str, Any]) -> dict[s
     if path not in expected:
       unexpected.append(key)
       continue
-    if value.ndim == 4:
-      value = value.transpose(2, 3, 1, 0)
+    if path[-1] == 'kernel':
+      value = value.transpose(2, 3, 1, 0) if value.ndim == 4 else value.T
     if value.shape != expected[path]:
       want = expected[path]
-      want = (want[3], want[2], want[0], want[1]) if len(want) == 4 else want
+      if path[-1] == 'kernel':
+        want = (want[3], want[2], want[0], want[1]) if len(want) == 4 else want[::-1]
       misshaped.append(f'{key} {np.shape(state_dict[key])}, backbone wants {want}')
     flat[path] = value
   missing = [flax_to_torch_key(p) for p in expected if p not in flat]
   if missing or unexpected or misshaped:
-    hint = ' (a checkpoint of another arch?)' if len(missing) > len(expected) // 2 else ''
+    wrong = len(missing) + len(misshaped) > len(expected) // 2
+    hint = ' (a checkpoint of another arch?)' if wrong else ''
     raise CheckpointMismatchError(_mismatch_report(
         f'state_dict does not match {arch}{hint}', missing, unexpected, misshaped))
   return traverse_util.unflatten_dict(flat)
@@ -147,9 +189,11 @@ def load_pretrained(variables: Mapping[str, Any], path: str,
 
   `variables` is the backbone's own sub-tree, e.g.
   {'params': v['params']['backbone'], 'batch_stats': v['batch_stats']['backbone']}.
-  Leaves keep their dtype. With `arch`, the file must have been converted for
-  it. Raises CheckpointMismatchError naming every missing, unexpected or
-  mis-shaped key.
+  Leaves keep their dtype; the arch's NEW_LAYERS (a ViT's pyramid) keep their
+  values. With `arch`, the file must have been converted for it. Raises
+  CheckpointMismatchError naming every missing, unexpected or mis-shaped key
+  (a ViT position embedding for another img_size is mis-shaped: set the
+  backbone's img_size to the checkpoint's).
   """
   with np.load(path) as data:
     stored = {k: data[k] for k in data.files}
@@ -157,6 +201,9 @@ def load_pretrained(variables: Mapping[str, Any], path: str,
   if arch is not None and stored_arch and stored_arch != arch:
     raise CheckpointMismatchError(f'{path} holds {stored_arch} weights, not {arch}')
   flat = {'/'.join(k): v for k, v in traverse_util.flatten_dict(variables).items()}
+  new_layers = NEW_LAYERS.get(stored_arch or arch, ())
+  for key in [k for k in flat if k.split('/')[1] in new_layers]:
+    stored[key] = flat[key]
   missing = [k for k in flat if k not in stored]
   unexpected = [k for k in stored if k not in flat]
   misshaped = [f'{k} {stored[k].shape}, model wants {tuple(flat[k].shape)}'
@@ -166,3 +213,73 @@ def load_pretrained(variables: Mapping[str, Any], path: str,
         f'{path} does not fit the backbone', missing, unexpected, misshaped))
   return traverse_util.unflatten_dict(
       {tuple(k.split('/')): jnp.asarray(stored[k], flat[k].dtype) for k in flat})
+
+
+# Original ViT .npz (vit_jax / AugReg) name -> timm name, per block and outside
+# blocks; kernels are HWIO / (in, out) there, so they are transposed to timm's.
+_NPZ_BLOCK_KEYS = {
+    'LayerNorm_0/scale': 'norm1.weight',
+    'LayerNorm_0/bias': 'norm1.bias',
+    'LayerNorm_2/scale': 'norm2.weight',
+    'LayerNorm_2/bias': 'norm2.bias',
+    'MlpBlock_3/Dense_0/kernel': 'mlp.fc1.weight',
+    'MlpBlock_3/Dense_0/bias': 'mlp.fc1.bias',
+    'MlpBlock_3/Dense_1/kernel': 'mlp.fc2.weight',
+    'MlpBlock_3/Dense_1/bias': 'mlp.fc2.bias',
+    'MultiHeadDotProductAttention_1/out/kernel': 'attn.proj.weight',
+    'MultiHeadDotProductAttention_1/out/bias': 'attn.proj.bias',
+}
+_NPZ_KEYS = {
+    'embedding/kernel': 'patch_embed.proj.weight',
+    'embedding/bias': 'patch_embed.proj.bias',
+    'cls': 'cls_token',
+    'Transformer/posembed_input/pos_embedding': 'pos_embed',
+    'Transformer/encoder_norm/scale': 'norm.weight',
+    'Transformer/encoder_norm/bias': 'norm.bias',
+}
+_NPZ_HEADS = ('head/', 'pre_logits/')
+_NPZ_BLOCK = re.compile(r'Transformer/encoderblock_(\d+)/(.+)')
+_NPZ_QKV = re.compile(r'MultiHeadDotProductAttention_1/(query|key|value)/(kernel|bias)')
+
+
+def vit_npz_to_timm(arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """Original Google ViT .npz arrays -> a timm ViT state_dict (numpy), as timm's `_load_weights`.
+
+  query/key/value (dim, heads, head_dim) are fused into timm's qkv Linear,
+  'out' (heads, head_dim, dim) becomes attn.proj; 'opt/target/' prefixes are
+  removed and the classification head dropped. Keys it does not know, and
+  query/key/value pieces whose siblings are missing, are passed through
+  unchanged, so that `convert_torch_state_dict` names them (and the missing qkv).
+  """
+  state, qkv = {}, {}
+  for key, value in arrays.items():
+    name = key.removeprefix('opt/target/')
+    if name.startswith(_NPZ_HEADS):
+      continue
+    value = np.asarray(value)
+    if name in _NPZ_KEYS:
+      if value.ndim == 4:
+        value = value.transpose(3, 2, 0, 1)
+      state[_NPZ_KEYS[name]] = value
+      continue
+    block = _NPZ_BLOCK.fullmatch(name)
+    part = _NPZ_QKV.fullmatch(block.group(2)) if block else None
+    if part:
+      qkv.setdefault((block.group(1), part.group(2)), {})[part.group(1)] = (key, value)
+    elif block and block.group(2) in _NPZ_BLOCK_KEYS:
+      if value.ndim == 3:  # out/kernel: (heads, head_dim, dim) -> (heads * head_dim, dim)
+        value = value.reshape(-1, value.shape[-1])
+      state[f'blocks.{block.group(1)}.{_NPZ_BLOCK_KEYS[block.group(2)]}'] = (
+          value.T if value.ndim == 2 else value)
+    else:
+      state[key] = value
+  for (index, leaf), parts in qkv.items():
+    if len(parts) < 3:
+      state.update(parts.values())
+      continue
+    # kernel (dim, heads, head_dim) -> (heads * head_dim, dim); bias -> (heads * head_dim,)
+    fused = [parts[n][1].reshape(parts[n][1].shape[0], -1).T if leaf == 'kernel'
+             else parts[n][1].reshape(-1) for n in ('query', 'key', 'value')]
+    state[f'blocks.{index}.attn.qkv.{"weight" if leaf == "kernel" else "bias"}'] = (
+        np.concatenate(fused))
+  return state

@@ -23,6 +23,7 @@ from typing import Any, ClassVar, Mapping, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
+from cmtdp_jax.models.backbones import vit
 from cmtdp_jax.models.backbones.resnet import BasicBlock, Bottleneck
 from cmtdp_jax.models.layers import ConvBN, Dtype, resize_to
 
@@ -292,5 +293,79 @@ class MTINet(nn.Module):
       shared = concat_scales([d[task] for d in distilled])
       raw, features[task] = prediction_head(shared, task, self.head_channels or shared.shape[-1],
                                             channels, 1, self.dtype, train)
+      predictions[task] = to_input_resolution(raw, images)
+    return predictions, features
+
+
+class CrossTaskAttention(nn.Module):
+  """One transformer block over the tokens of every task's coarsest map.
+
+  Each task projects the shared coarsest map to its own tokens (a per-task
+  linear layer plus a learned task embedding, so a token says which task it
+  belongs to); one pre-norm block (ViT's: multi-head self-attention and MLP,
+  each with a residual) runs on the concatenation of all tasks' tokens, so
+  every task's queries attend to every task's keys and values; a final
+  LayerNorm, and each task's tokens are reshaped back to its map.
+  """
+  tasks: Sequence[str]
+  num_heads: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, coarse):
+    batch, height, width, channels = coarse.shape
+    embedding = self.param('task_embedding', nn.initializers.truncated_normal(0.02),
+                           (len(self.tasks), 1, channels))
+    tokens = [nn.Dense(channels, dtype=self.dtype, name=f'{task}_tokens')(coarse)
+              .reshape(batch, height * width, channels) + embedding[i].astype(self.dtype)
+              for i, task in enumerate(self.tasks)]
+    x = vit.Block(self.num_heads, dtype=self.dtype, name='block')(jnp.concatenate(tokens, 1))
+    x = vit.layer_norm(self.dtype, 'norm')(x)
+    return {task: x[:, i * height * width:(i + 1) * height * width].reshape(coarse.shape)
+            for i, task in enumerate(self.tasks)}
+
+
+class ViTMultiTask(nn.Module):
+  """Per-task baseline heads on the pyramid plus one cross-task attention stage.
+
+  Made for the ViT backbones (any backbone's pyramid works). After InvPT (Ye
+  and Xu, ECCV 2022; prismformore/Multi-Task-Transformer,
+  InvPT/models/transformers/invpt.py), whose decoder lets task queries attend
+  across all tasks' feature maps, here reduced to one stage at the coarsest
+  scale, where the token count (tasks x H/32 x W/32) keeps attention cheap:
+  `CrossTaskAttention` turns the coarsest map into one refined map per task.
+  Each task's head is then the baseline's (`concat_scales` to stride 4, 3x3
+  ConvBN-ReLU = the task's feature, 1x1 conv) on the pyramid whose coarsest
+  level is that task's refined map, so every head sees the other tasks
+  through it and its input width is the baseline's.
+
+  Attributes:
+    head_channels: width of each task's feature; None = concat width // 4, as
+      the baseline.
+  """
+  backbone: nn.Module
+  task_channels: Sequence[tuple[str, int]]
+  head_channels: int | None = None
+  dtype: Dtype = jnp.float32
+
+  head_dim: ClassVar[int] = 64
+
+  @classmethod
+  def attention_heads(cls, channels: int) -> int:
+    """The most heads of at least `head_dim` channels that divide `channels` (1 if none)."""
+    return next(h for h in range(max(channels // cls.head_dim, 1), 0, -1) if channels % h == 0)
+
+  @nn.compact
+  def __call__(self, images, train: bool = False):
+    tasks = [t for t, _ in self.task_channels]
+    scales = self.backbone(images, train=train)
+    refined = CrossTaskAttention(tasks, self.attention_heads(scales[-1].shape[-1]), self.dtype,
+                                 name='cross_task')(scales[-1])
+    predictions, features = {}, {}
+    for task, out_channels in self.task_channels:
+      shared = concat_scales([*scales[:-1], refined[task]])
+      width = self.head_channels or max(shared.shape[-1] // MultiTaskBaseline.width_divisor, 1)
+      raw, features[task] = prediction_head(shared, task, width, out_channels,
+                                            MultiTaskBaseline.kernel, self.dtype, train)
       predictions[task] = to_input_resolution(raw, images)
     return predictions, features

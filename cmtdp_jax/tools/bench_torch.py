@@ -1,12 +1,17 @@
 """The PyTorch train step of the same model and batch, for JAX / PyTorch throughput.
 
   python -m cmtdp_jax.benchmark --config configs/nyud_hrnet18_baseline.py --compare_torch
+  python -m cmtdp_jax.benchmark --config configs/nyud_vitb_mt.py --compare_torch  # + timm
 
-The backbone is `tests/golden/torch_reference.py` (state_dict-compatible with
-the official checkpoints), which is not installed with the package: run from
-the repository root. The FCN head and the losses follow SPEC section 3 as
-`models.frameworks.MultiTaskBaseline` and `tasks` do; the optimizer is the
-config's (SGD with momentum and coupled weight decay, or AdamW) at a constant
+The HRNet / ResNet backbones are `tests/golden/torch_reference.py`
+(state_dict-compatible with the official checkpoints), which is not installed
+with the package: run from the repository root. The ViT backbones are timm's
+`vit_*_patch16_<img_size>` trunks, tapped as `backbones/vit.py` taps them,
+plus the same simple feature pyramid (`ViTFeaturePyramid`). Heads: the FCN
+head of `models.frameworks.MultiTaskBaseline` (`baseline`, `single_task`) and
+`ViTMultiTask`'s cross-task attention and heads (`vit_mt`); losses as `tasks`;
+the optimizer is the config's (SGD with momentum or Adam, both with coupled
+weight decay, or AdamW; `grad_clip` as torch's `clip_grad_norm_`) at a constant
 learning rate. Eager PyTorch in its usual fast setup: channels_last on CUDA,
 bf16 autocast when the config computes in bfloat16. JAX's step also checks
 for non-finite updates; this one does not.
@@ -14,7 +19,7 @@ for non-finite updates; this one does not.
 
 from __future__ import annotations
 
-import time
+import functools
 
 import jax
 import torch
@@ -23,9 +28,31 @@ from torch import nn
 
 from cmtdp_jax import data as data_lib
 from cmtdp_jax import tasks as tasks_lib
+from cmtdp_jax.models import frameworks
+from cmtdp_jax.models.backbones import vit
 from tests.golden import torch_reference
 
-FRAMEWORKS = ('baseline', 'single_task')  # the FCN head
+TIMM_VITS = {'vit_s16': 'vit_small_patch16', 'vit_b16': 'vit_base_patch16',
+             'vit_l16': 'vit_large_patch16'}
+
+
+def concat_scales(scales):
+  """`frameworks.concat_scales` on NCHW maps."""
+  size = scales[0].shape[2:]
+  return torch.cat([scales[0]] + [
+      F.interpolate(x, size=size, mode='bilinear', align_corners=False) for x in scales[1:]],
+                   dim=1)
+
+
+def fcn_heads(task_channels, concat, head_channels):
+  """`frameworks.prediction_head` per task: 3x3 ConvBN-ReLU + 1x1 conv."""
+  return nn.ModuleDict({task: nn.Sequential(torch_reference.conv_bn(concat, head_channels, 3),
+                                            nn.Conv2d(head_channels, channels, 1))
+                        for task, channels in task_channels})
+
+
+def upsample_to(x, images):
+  return F.interpolate(x, size=images.shape[2:], mode='bilinear', align_corners=False)
 
 
 class MultiTaskFCN(nn.Module):
@@ -36,21 +63,108 @@ class MultiTaskFCN(nn.Module):
     self.backbone = backbone
     with torch.no_grad():
       concat = sum(x.shape[1] for x in backbone.eval()(torch.zeros(1, 3, 64, 64)))
-    head_channels = head_channels or max(concat // 4, 1)
-    self.heads = nn.ModuleDict({
-        task: nn.Sequential(torch_reference.conv_bn(concat, head_channels, 3),
-                            nn.Conv2d(head_channels, channels, 1))
-        for task, channels in task_channels})
+    self.heads = fcn_heads(task_channels, concat, head_channels or max(concat // 4, 1))
+
+  def forward(self, images):
+    shared = concat_scales(self.backbone(images))
+    return {task: upsample_to(head(shared), images) for task, head in self.heads.items()}
+
+
+class ChannelNorm(nn.LayerNorm):
+  """LayerNorm over the channels of an NCHW map (flax's LayerNorm on NHWC)."""
+
+  def forward(self, x):
+    return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+class ViTFeaturePyramid(nn.Module):
+  """timm's ViT trunk with `backbones/vit.py`'s taps and simple feature pyramid, NCHW."""
+
+  def __init__(self, backbone: str, img_size: int = 224, pyramid_channels: int = 256):
+    super().__init__()
+    import timm  # pylint: disable=import-outside-toplevel
+    self.trunk = timm.create_model(f'{TIMM_VITS[backbone]}_{img_size}', pretrained=False,
+                                   num_classes=0, dynamic_img_size=True, dynamic_img_pad=True)
+    dim = self.trunk.embed_dim
+    self.taps = vit.default_taps(len(self.trunk.blocks))
+    norm = functools.partial(ChannelNorm, eps=vit.LAYER_NORM_EPSILON)
+    self.stride4 = nn.Sequential(nn.ConvTranspose2d(dim, dim // 2, 2, 2), norm(dim // 2),
+                                 nn.GELU(), nn.ConvTranspose2d(dim // 2, dim // 4, 2, 2))
+    self.stride8 = nn.ConvTranspose2d(dim, dim // 2, 2, 2)
+    self.levels = nn.ModuleList(
+        nn.Sequential(nn.Conv2d(width, pyramid_channels, 1, bias=False), norm(pyramid_channels),
+                      nn.Conv2d(pyramid_channels, pyramid_channels, 3, padding=1, bias=False),
+                      norm(pyramid_channels))
+        for width in (dim // 4, dim // 2, dim, dim))
+
+  def forward(self, images):
+    trunk = self.trunk
+    x = trunk.patch_embed(images)  # NHWC, padded to a multiple of 16
+    batch, height, width, _ = x.shape
+    x = trunk.norm_pre(trunk._pos_embed(x))  # pylint: disable=protected-access
+    tapped = []
+    for index in range(max(self.taps) + 1):
+      x = trunk.blocks[index](x)
+      tapped += [x] * self.taps.count(index)
+    tapped[-1] = trunk.norm(tapped[-1])
+    maps = [t[:, trunk.num_prefix_tokens:].reshape(batch, height, width, -1).permute(0, 3, 1, 2)
+            for t in tapped]
+    x32 = F.max_pool2d(maps[3], 2, 2, ceil_mode=True)
+    return [level(x) for level, x in zip(
+        self.levels, (self.stride4(maps[0]), self.stride8(maps[1]), maps[2], x32))]
+
+
+class ViTMultiTask(nn.Module):
+  """`frameworks.ViTMultiTask`: one cross-task attention block over every task's tokens of
+  the coarsest map, then per task the FCN head on the pyramid with that task's refined map."""
+
+  def __init__(self, backbone, task_channels, head_channels=None):
+    super().__init__()
+    from timm.models.vision_transformer import Block  # pylint: disable=import-outside-toplevel
+    self.backbone = backbone
+    with torch.no_grad():
+      widths = [x.shape[1] for x in backbone.eval()(torch.zeros(1, 3, 64, 64))]
+    channels, concat = widths[-1], sum(widths)
+    self.tasks = [task for task, _ in task_channels]
+    self.tokens = nn.ModuleDict({task: nn.Linear(channels, channels) for task in self.tasks})
+    self.task_embedding = nn.Parameter(torch.zeros(len(self.tasks), 1, channels))
+    norm = functools.partial(nn.LayerNorm, eps=vit.LAYER_NORM_EPSILON)
+    self.block = Block(channels, frameworks.ViTMultiTask.attention_heads(channels),
+                       qkv_bias=True, norm_layer=norm)
+    self.norm = norm(channels)
+    self.heads = fcn_heads(task_channels, concat, head_channels or max(concat // 4, 1))
 
   def forward(self, images):
     scales = self.backbone(images)
-    size = scales[0].shape[2:]
-    shared = torch.cat([scales[0]] + [
-        F.interpolate(x, size=size, mode='bilinear', align_corners=False) for x in scales[1:]],
-                       dim=1)
-    return {task: F.interpolate(head(shared), size=images.shape[2:], mode='bilinear',
-                                align_corners=False)
-            for task, head in self.heads.items()}
+    coarse = scales[-1]
+    batch, channels, height, width = coarse.shape
+    x = coarse.flatten(2).transpose(1, 2)
+    x = torch.cat([self.tokens[task](x) + self.task_embedding[i]
+                   for i, task in enumerate(self.tasks)], dim=1)
+    x = self.norm(self.block(x))
+    outputs, size = {}, height * width
+    for i, task in enumerate(self.tasks):
+      refined = x[:, i * size:(i + 1) * size].transpose(1, 2).reshape(
+          batch, channels, height, width)
+      shared = concat_scales([*scales[:-1], refined])
+      outputs[task] = upsample_to(self.heads[task](shared), images)
+    return outputs
+
+
+def build_model(model_config, task_channels):
+  """The PyTorch model of `model_config`; ValueError when there is no reference of it."""
+  options = {}
+  if model_config.get('backbone_kwargs_for', '') in ('', model_config.backbone):
+    options = dict(model_config.get('backbone_kwargs', {}))
+  head_channels = model_config.get('head_channels')
+  if model_config.framework in ('baseline', 'single_task'):
+    return MultiTaskFCN(torch_reference.build(model_config.backbone, **options), task_channels,
+                        head_channels)
+  if model_config.framework == 'vit_mt' and model_config.backbone in TIMM_VITS:
+    return ViTMultiTask(ViTFeaturePyramid(model_config.backbone, **options), task_channels,
+                        head_channels)
+  raise ValueError(f'no PyTorch reference for framework {model_config.framework} on '
+                   f'{model_config.backbone}')
 
 
 def _masked_mean(values, mask):
@@ -86,6 +200,8 @@ def _optimizer(optim_config, params):
   if optim_config.name == 'sgd':
     return torch.optim.SGD(params, lr=optim_config.lr, momentum=optim_config.momentum,
                            weight_decay=optim_config.weight_decay)
+  if optim_config.name == 'adam':
+    return torch.optim.Adam(params, lr=optim_config.lr, weight_decay=optim_config.weight_decay)
   return torch.optim.AdamW(params, lr=optim_config.lr, weight_decay=optim_config.weight_decay)
 
 
@@ -96,22 +212,21 @@ def _device() -> str | None:
   return 'cpu' if platform == 'cpu' else None
 
 
-def run(config, numpy_batch, num_steps: int, warmup: int) -> dict:
-  """Seconds of `num_steps` PyTorch train steps of `config`'s model on `numpy_batch`
-  (the JAX benchmark's batch: NHWC images, labels in the pipeline's conventions)."""
-  if config.model.framework not in FRAMEWORKS:
-    return {'skipped': f'no PyTorch reference for framework {config.model.framework}'}
+def train_step(config, numpy_batch):
+  """`(step, info)`: `step()` runs one PyTorch train step of `config`'s model on
+  `numpy_batch` (the JAX benchmark's batch: NHWC images, labels in the pipeline's
+  conventions) and waits for it; `info` says what runs (and holds `peak_memory()`,
+  not JSON). `(None, {'skipped': why})`
+  when there is no reference of the model or PyTorch cannot run on JAX's device."""
   device = _device()
   if device is None:
-    return {'skipped': f'PyTorch cannot run on {jax.devices()[0].platform}'}
-  try:
-    backbone = torch_reference.build(config.model.backbone,
-                                     **dict(config.model.get('backbone_kwargs', {})))
-  except ValueError as e:
-    return {'skipped': str(e)}
+    return None, {'skipped': f'PyTorch cannot run on {jax.devices()[0].platform}'}
   num_classes = data_lib.get_dataset_spec(config.data.name).num_classes
   task_channels = [(t, tasks_lib.get_task(t).num_outputs(num_classes)) for t in config.tasks]
-  model = MultiTaskFCN(backbone, task_channels, config.model.get('head_channels')).train()
+  try:
+    model = build_model(config.model, task_channels).train()
+  except ValueError as e:
+    return None, {'skipped': str(e)}
   memory_format = torch.channels_last if device == 'cuda' else torch.contiguous_format
   model = model.to(device=device, memory_format=memory_format)
   optimizer = _optimizer(config.optim, model.parameters())
@@ -131,19 +246,15 @@ def run(config, numpy_batch, num_steps: int, warmup: int) -> dict:
     loss = sum(weights[t] * task_loss(t, outputs[t], batch[t], options[t])
                for t in config.tasks)
     loss.backward()
+    if config.optim.grad_clip:
+      torch.nn.utils.clip_grad_norm_(model.parameters(), config.optim.grad_clip)
     optimizer.step()
     if device == 'cuda':
       torch.cuda.synchronize()
 
-  for _ in range(warmup + 1):
-    step()
-  seconds = []
-  for _ in range(num_steps):
-    start = time.perf_counter()
-    step()
-    seconds.append(time.perf_counter() - start)
-  return {'torch': torch.__version__, 'device': device, 'threads': torch.get_num_threads(),
-          'memory_format': 'channels_last' if device == 'cuda' else 'contiguous',
-          'step_seconds': seconds, 'params': sum(p.numel() for p in model.parameters()),
-          'peak_memory_bytes': (torch.cuda.max_memory_allocated() if device == 'cuda'
-                                else None)}
+  return step, {
+      'torch': torch.__version__, 'device': device, 'threads': torch.get_num_threads(),
+      'memory_format': 'channels_last' if device == 'cuda' else 'contiguous',
+      'params': sum(p.numel() for p in model.parameters()),
+      # PyTorch's peak allocated memory so far (CUDA only), read after the timed steps.
+      'peak_memory': torch.cuda.max_memory_allocated if device == 'cuda' else lambda: None}

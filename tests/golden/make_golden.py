@@ -64,8 +64,8 @@ def random_input(shape, seed: int = INPUT_SEED) -> np.ndarray:
   return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
 
 
-def load_key_shapes(arch: str) -> dict[str, tuple[int, ...]]:
-  with np.load(os.path.join(GOLDEN_DIR, 'key_shapes.npz')) as data:
+def load_key_shapes(arch: str, filename: str = 'key_shapes.npz') -> dict[str, tuple[int, ...]]:
+  with np.load(os.path.join(GOLDEN_DIR, filename)) as data:
     return dict(zip(data[f'{arch}.keys'].tolist(), json.loads(str(data[f'{arch}.shapes']))))
 
 
