@@ -372,7 +372,7 @@ def test_mapping_is_written_once_and_read_back_by_a_resume(tmp_path, data_dir, c
                                     'data.partial_labels_seed': 5})
   source = pipeline.open_split(config.data, 'train', config.tasks)
   workdir = str(tmp_path)
-  caplog.set_level('INFO')
+  caplog.set_level('INFO', logger='absl')  # test_cli's in-process flag parsing sets WARNING
   mapping = train._label_mapping(config, workdir, source, is_chief=True)
   path = tmp_path / label_mapping.FILENAME
   written = path.read_bytes()
