@@ -410,6 +410,7 @@ def test_fingerprint_sees_a_change_of_the_update_that_leaves_the_losses_alone(mo
   monkeypatch.undo()  # the real probe
   config = synthetic.get_config('smoke')
   config.tasks = TASKS
+  config.data.image_size = config.data.crop_size = (32, 32)
   config.model.backbone_kwargs.width = 4
   config.model.head_channels = 8
   first = ablation.numerics_fingerprint(config, probe_steps=1)
