@@ -1,6 +1,8 @@
 """Shared test setup: quiet TF, simulated 8-device CPU mesh, tiny configs."""
 
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 os.environ.setdefault('JAX_NUM_CPU_DEVICES', '8')
@@ -9,6 +11,20 @@ os.environ.setdefault('JAX_NUM_CPU_DEVICES', '8')
 os.environ.setdefault('XLA_FLAGS', '--xla_backend_optimization_level=0')
 
 import pytest  # noqa: E402
+
+
+def pytest_configure(config):
+  """One persistent XLA cache per test run, shared by its xdist workers and the subprocesses
+  they start: XLA compiles dominate the suite on CPU, and many tests compile the same tiny
+  steps. A cache the user names is used and kept; ours is removed at the end of the run."""
+  if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:  # workers inherit the controller's
+    config.xla_cache_to_remove = tempfile.mkdtemp(prefix='cmtdp_jax_tests_xla_cache_')
+    os.environ['JAX_COMPILATION_CACHE_DIR'] = config.xla_cache_to_remove
+
+
+def pytest_unconfigure(config):
+  if getattr(config, 'xla_cache_to_remove', None):
+    shutil.rmtree(config.xla_cache_to_remove, ignore_errors=True)
 
 
 @pytest.fixture(scope='session')

@@ -49,5 +49,12 @@ def test_ci_run_keeps_a_named_virtualenv(tmp_path):
   res, _ = _run_ci(tmp_path, CMTDP_CI_VENV=str(keep))
   assert res.returncode == 0, res.stderr
   calls = (keep / "calls").read_text().splitlines()
-  assert calls[-1] == "python -m pytest tests -q"
+  assert calls[-1] == "python -m pytest tests -q -n 2 --dist loadscope"
   assert any("install --quiet --no-deps -e ." in call for call in calls)
+
+
+def test_readme_gives_the_command_ci_runs():
+  """The quick start and the Tests section show exactly the test command of `.ci/run`."""
+  command = (ROOT / ".ci" / "run").read_text().strip().splitlines()[-1]
+  assert command.startswith("JAX_NUM_CPU_DEVICES=8 python -m pytest tests")
+  assert (ROOT / "README.md").read_text().count(f"```bash\n{command}\n```") == 2
