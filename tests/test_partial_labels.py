@@ -418,6 +418,39 @@ def test_cli_trains_and_evaluates_one_label_end_to_end(tmp_path, data_dir):
     train._check_config_change(other_draw, workdir, 2)
 
 
+@pytest.mark.parametrize('name', ['nyud', 'pascal_context'])
+def test_real_dataset_fixture_trains_and_evaluates_with_partial_labels(tmp_path, name):
+  """Training and evaluation end to end on the NYUD fixture with a user's mapping file and on
+  the PASCAL fixture with a random draw; evaluation scores every image on every task."""
+  from tests import test_datasets  # pylint: disable=import-outside-toplevel
+  src = tmp_path / 'src'
+  config = tiny_config(**{'num_steps': 2, 'eval_batch_size': 8,
+                          'eval.metric_options.edge.thresholds': 3})
+  if name == 'nyud':
+    test_datasets._write_nyud(src, 'nyud_mt')
+    user_mapping = {'a1': ['semseg'], 'a2': ['depth', 'normals'], 'a3': ['edge']}
+    (tmp_path / 'mine.json').write_text(json.dumps(user_mapping))
+    data_overrides = {'label_mapping': str(tmp_path / 'mine.json')}
+    eval_ids = test_datasets.NYUD_IDS['val']
+  else:
+    test_datasets._write_pascal(src)
+    data_overrides = {'partial_labels': 'random', 'label_fraction': 0.5}
+    eval_ids = test_datasets.PASCAL_IDS['val']
+  config.data = test_datasets._data_config(tmp_path, name, src)
+  config.data.update(crop_size=(32, 32), **data_overrides)
+  config.tasks = data_lib.get_dataset_spec(name).tasks
+  workdir = str(tmp_path / 'run')
+  results = train.train_and_evaluate(config, workdir)
+  mapping = label_mapping.load(workdir)
+  if name == 'nyud':
+    assert mapping == {i: tuple(t) for i, t in user_mapping.items()}
+  else:
+    assert mapping == label_mapping.draw(sorted(mapping), config.tasks, 'random', 0.5, seed=0)
+  for task in config.tasks:
+    assert results[f'{task}/images'] == len(eval_ids), task
+  assert all(np.isfinite(v) for v in results.values())
+
+
 def test_deep_supervision_losses_are_masked_too():
   """PAD-Net's initial predictions: a task without labelled images adds 0 there too."""
   from cmtdp_jax import steps  # pylint: disable=import-outside-toplevel
