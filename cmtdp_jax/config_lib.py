@@ -346,13 +346,16 @@ class _Absent:
 ABSENT = _Absent()  # the value of a field that a config (e.g. an older run's) lacks
 
 
-def changed_fields(old: dict, new: dict, prefix: str = ''):
+def changed_fields(old: dict, new: dict, prefix: str = '', defaults: dict | None = None):
   """Yields (field, old value, new value) for every leaf that differs between two
-  configs as JSON dicts (`ABSENT` for a field one of them lacks)."""
+  configs as JSON dicts (`ABSENT` for a field one of them lacks). A field `old`
+  lacks takes its value in `defaults` (e.g. `base_config()` as JSON) where that has
+  it: a run older than the field ran with the behaviour its default keeps."""
+  defaults = defaults if isinstance(defaults, dict) else {}
   for name in sorted(set(old) | set(new)):
-    a, b = old.get(name, ABSENT), new.get(name, ABSENT)
+    a, b = old.get(name, defaults.get(name, ABSENT)), new.get(name, ABSENT)
     if isinstance(a, dict) and isinstance(b, dict):
-      yield from changed_fields(a, b, f'{prefix}{name}.')
+      yield from changed_fields(a, b, f'{prefix}{name}.', defaults.get(name))
     elif a != b and name != 'allow_config_change':
       yield f'{prefix}{name}', a, b
 

@@ -21,7 +21,7 @@ image (a missing one is an error, not silently unlabelled).
 
 A run keeps its mapping in `<workdir>/label_mapping.json` (`FILENAME`): a JSON
 object from image id to its sorted task list, keys sorted, written once at the
-first start; a resume reads it back. Image ids are the dataset's 'id' feature
+first start; a resume of a checkpoint reads it back. Image ids are the dataset's 'id' feature
 (NYUD, PASCAL-Context: the file names) or, for datasets without one (the
 synthetic world), the position of the image in the stored split, '%05d' (the
 names evaluation gives its outputs too). This module imports no TensorFlow.
@@ -29,6 +29,7 @@ names evaluation gives its outputs too). This module imports no TensorFlow.
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import json
 import os
@@ -72,7 +73,7 @@ def validate(values, ids: Sequence[str], tasks: Sequence[str], path: str) -> Lab
   for image_id, image_tasks in sorted(values.items()):
     if image_id not in known:
       raise ValueError(f"{path}: image id '{image_id}' is not in the train split "
-                       f'({len(known)} images)')
+                       f"({len(known)} images, ids like '{min(known)}')")
     if not isinstance(image_tasks, list) or not all(isinstance(t, str) for t in image_tasks):
       raise ValueError(f"{path}: image '{image_id}' maps to {image_tasks!r}, not a list of "
                        'task names')
@@ -91,13 +92,27 @@ def validate(values, ids: Sequence[str], tasks: Sequence[str], path: str) -> Lab
   return mapping
 
 
+class _RepeatedKey(ValueError):
+  pass
+
+
+def _object_without_repeated_keys(pairs):
+  """json's object hook: a key given twice would silently keep its last value."""
+  keys = [key for key, _ in pairs]
+  if len(set(keys)) < len(keys):
+    raise _RepeatedKey(next(k for k in keys if keys.count(k) > 1))
+  return dict(pairs)
+
+
 def read(path: str, ids: Sequence[str], tasks: Sequence[str]) -> LabelMapping:
   """The mapping in JSON file `path`, checked against the split's `ids` and `tasks`."""
   try:
     with open(path) as f:
-      values = json.load(f)
+      values = json.load(f, object_pairs_hook=_object_without_repeated_keys)
   except OSError as e:
     raise ValueError(f'{path}: cannot read the label mapping ({e.strerror})') from None
+  except _RepeatedKey as e:
+    raise ValueError(f"{path}: image id '{e}' is given twice") from None
   except ValueError as e:
     raise ValueError(f'{path}: not valid JSON ({e})') from None
   return validate(values, ids, tasks, path)
@@ -110,6 +125,12 @@ def _text(mapping: Mapping[str, Sequence[str]]) -> str:
 def sha256(mapping: Mapping[str, Sequence[str]]) -> str:
   """Hex digest of the mapping's file contents (the same for the same mapping)."""
   return hashlib.sha256(_text(mapping).encode()).hexdigest()
+
+
+def file_sha256(path: str) -> str:
+  """Hex digest of a mapping file's bytes: `sha256` of the mapping `save` wrote there."""
+  with open(path, 'rb') as f:
+    return hashlib.sha256(f.read()).hexdigest()
 
 
 def save(workdir: str, mapping: Mapping[str, Sequence[str]]) -> str:
@@ -136,13 +157,14 @@ def load(workdir: str) -> LabelMapping | None:
   return {i: tuple(t) for i, t in sorted(values.items())}
 
 
-def describe(mapping: LabelMapping) -> str:
-  """'N images, task: count, ...' for the log line."""
-  counts = {}
-  for image_tasks in mapping.values():
-    for task in image_tasks:
-      counts[task] = counts.get(task, 0) + 1
-  per_task = ', '.join(f'{t} {n}' for t, n in sorted(counts.items()))
+def counts(mapping: LabelMapping, tasks: Sequence[str]) -> dict[str, int]:
+  """How many images keep each of `tasks`' labels (0 included)."""
+  return {t: sum(t in image_tasks for image_tasks in mapping.values()) for t in sorted(tasks)}
+
+
+def describe(mapping: LabelMapping, tasks: Sequence[str]) -> str:
+  """'N images; labelled per task: task count, ...' for the log line."""
+  per_task = ', '.join(f'{t} {n}' for t, n in counts(mapping, tasks).items())
   return f'{len(mapping)} images; labelled per task: {per_task}'
 
 
@@ -152,6 +174,9 @@ def check_config(data_config) -> None:
   if mode not in MODES:
     raise ValueError(f"config.data.partial_labels: unknown mode '{mode}' "
                      f"(valid: {', '.join(repr(m) for m in MODES)})")
+  seed = data_config.partial_labels_seed
+  if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+    raise ValueError(f'config.data.partial_labels_seed={seed!r} must be an integer >= 0')
   if not 0 < data_config.label_fraction <= 1:
     raise ValueError(f'config.data.label_fraction={data_config.label_fraction} must be in '
                      '(0, 1]')
@@ -168,15 +193,21 @@ def is_partial(data_config) -> bool:
   return bool(data_config.partial_labels or data_config.label_mapping)
 
 
-def for_run(data_config, tasks: Sequence[str], ids: Sequence[str],
-            workdir: str) -> LabelMapping | None:
-  """The mapping a run trains on: the one in `workdir` if a previous start wrote
-  it, else the user's file or a fresh draw as `data_config` says; None for all
-  labels. Does not write anything (`save`)."""
+def for_run(data_config, tasks: Sequence[str], ids: Sequence[str], workdir: str, *,
+            resuming: bool) -> LabelMapping | None:
+  """The mapping a run trains on: when it resumes a checkpoint, the one in
+  `workdir` that its first start wrote; else the user's file or a fresh draw as
+  `data_config` says (a file left by a start that saved no checkpoint is not read:
+  this start may ask for another mapping). None for all labels. Does not write
+  anything (`save`)."""
   if not is_partial(data_config):
     return None
+  repeated = next((i for i, n in collections.Counter(ids).items() if n > 1), None)
+  if repeated is not None:
+    raise ValueError(f"the train split has image id '{repeated}' more than once: a label "
+                     'mapping needs unique ids')
   saved_path = os.path.join(workdir, FILENAME)
-  if os.path.exists(saved_path):
+  if resuming and os.path.exists(saved_path):
     return read(saved_path, ids, tasks)
   if data_config.label_mapping:
     return read(data_config.label_mapping, ids, tasks)

@@ -123,8 +123,9 @@ def _check_config_change(config, workdir, checkpoint_step):
     raise ValueError(f'{path} is not valid JSON ({e}); it is the config of the run that '
                      f'wrote checkpoint {checkpoint_step}') from e
   current = json.loads(config.to_json_best_effort())
+  defaults = json.loads(config_lib.base_config().to_json_best_effort())
   refused = []
-  for field, old, new in config_lib.changed_fields(previous, current):
+  for field, old, new in config_lib.changed_fields(previous, current, defaults=defaults):
     logging.warning('config.%s changed since %s: %s -> %s', field, path.name, old, new)
     if old is not config_lib.ABSENT and config_lib.fixed_on_resume(field):
       refused.append(f'config.{field}')
@@ -162,9 +163,10 @@ def _load_pretrained_backbone(state, model_config, state_sharding):
   return jax.device_put(state.replace(params=params, batch_stats=batch_stats), state_sharding)
 
 
-def _label_mapping(config, workdir, train_source, is_chief):
+def _label_mapping(config, workdir, train_source, is_chief, resuming):
   """The tasks each training image keeps (None: all), `label_mapping.FILENAME` in
-  `workdir`: written by process 0 at the first start, read back by every resume."""
+  `workdir`: written by process 0 at a start with no checkpoint, read back by every
+  resume of one."""
   path = os.path.join(workdir, label_mapping.FILENAME)
   existed = os.path.exists(path)
   if not label_mapping.is_partial(config.data):  # reads no ids
@@ -172,12 +174,20 @@ def _label_mapping(config, workdir, train_source, is_chief):
       logging.warning('%s is not used: this start trains on all labels', path)
     return None
   mapping = label_mapping.for_run(config.data, config.tasks, pipeline.split_ids(train_source),
-                                  workdir)
-  if not existed and is_chief:
+                                  workdir, resuming=resuming)
+  read_back = resuming and existed
+  if not read_back and is_chief:
+    if existed and label_mapping.sha256(mapping) != label_mapping.file_sha256(path):
+      logging.warning('%s replaced: the start that wrote it saved no checkpoint, and this '
+                      'one asks for another mapping', path)
     label_mapping.save(workdir, mapping)
   logging.info('Label mapping %s %s (sha256 %s): %s', path,
-               'read back' if existed else 'written', label_mapping.sha256(mapping),
-               label_mapping.describe(mapping))
+               'read back' if read_back else 'written', label_mapping.sha256(mapping),
+               label_mapping.describe(mapping, config.tasks))
+  unlabelled = [t for t, n in label_mapping.counts(mapping, config.tasks).items() if n == 0]
+  if unlabelled:
+    logging.warning('No training image keeps the labels of %s: their losses are 0 throughout',
+                    ', '.join(unlabelled))
   return mapping
 
 
@@ -211,7 +221,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
     train_step = steps.make_train_step(trainer, state_sharding, batch_sharding,
                                        sharding.replicated(mesh))
     train_source = pipeline.open_split(config.data, spec.train_split, config.tasks)
-    mapping = _label_mapping(config, workdir, train_source, is_chief)
+    mapping = _label_mapping(config, workdir, train_source, is_chief,
+                             resuming=latest is not None)
     eval_source = pipeline.open_eval_split(config)
     batches = pipeline.global_batches(
         pipeline.train_dataset(train_source, config, start_step, mapping), batch_sharding,

@@ -115,6 +115,24 @@ def test_crop_limits_the_dominant_class_when_possible():
   assert all(dominant_fraction(0.75, i) < 0.75 for i in range(10))
 
 
+def test_a_dropped_semseg_label_does_not_steer_the_crop():
+  """Partial labels: the class-ratio check reads the semseg label, so an image that does not
+  keep it takes the first crop, as with no check at all."""
+  ex = _example(64, 64)
+  semseg = np.zeros((64, 64), np.int32)
+  semseg[:, 32:] = 1
+  ex['semseg'] = tf.constant(semseg)
+  crops = {}
+  for i in range(10):
+    seed = tf.constant([i, 7], tf.int64)
+    unchecked, checked, dropped = (
+        augment.random_crop(ex, seed, 32, 32, cat_max_ratio=ratio, semseg_kept=kept)['image']
+        for ratio, kept in ((1.0, True), (0.75, True), (0.75, False)))
+    np.testing.assert_array_equal(dropped, unchecked)
+    crops[i] = not np.array_equal(checked, unchecked)
+  assert any(crops.values())  # the check moved some crops: the comparison can fail
+
+
 def test_crop_without_a_person_ignores_human_parts():
   parts = np.zeros((8, 8), np.int32)
   parts[6:, 6:] = 3

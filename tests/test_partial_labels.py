@@ -50,7 +50,9 @@ def test_random_keeps_each_task_at_the_fraction_and_at_least_one():
 @pytest.mark.parametrize('content, message', [
     ('{"a": ["depth"],', 'not valid JSON'),
     ('["a"]', 'JSON object'),
-    ('{"a": ["depth"], "b": ["depth"], "zz": ["depth"]}', "image id 'zz' is not in the train"),
+    ('{"a": ["depth"], "b": ["depth"], "zz": ["depth"]}',
+     "image id 'zz' is not in the train split \\(2 images, ids like 'a'\\)"),
+    ('{"a": ["depth"], "b": ["depth"], "a": ["semseg"]}', "image id 'a' is given twice"),
     ('{"a": ["depth"], "b": ["flow"]}', "image 'b' names task 'flow'"),
     ('{"a": ["depth"], "b": ["sal"]}', "task 'sal', which is not in config.tasks"),
     ('{"a": ["depth"], "b": []}', "image 'b' has no task"),
@@ -63,6 +65,19 @@ def test_user_mapping_errors_are_one_line_naming_the_file(tmp_path, content, mes
   with pytest.raises(ValueError, match=message) as error:
     label_mapping.read(str(path), ['a', 'b'], ('semseg', 'depth'))
   assert str(error.value).startswith(f'{path}: ') and '\n' not in str(error.value)
+
+
+def test_a_split_with_a_repeated_id_gets_no_mapping(tmp_path):
+  config = tiny_config(**{'data.partial_labels': 'one_label'})
+  with pytest.raises(ValueError, match="image id 'b' more than once"):
+    label_mapping.for_run(config.data, config.tasks, ['a', 'b', 'c', 'b'], str(tmp_path),
+                          resuming=False)
+
+
+def test_log_line_counts_every_task_including_unlabelled_ones():
+  mapping = label_mapping.draw(['a', 'b'], ('semseg', 'depth', 'sal'), 'one_label', seed=0)
+  assert label_mapping.describe(mapping, ('semseg', 'depth', 'sal')) == (
+      '2 images; labelled per task: depth 1, sal 1, semseg 0')
 
 
 def test_user_mapping_is_read_sorted(tmp_path):
@@ -78,6 +93,8 @@ def test_user_mapping_is_read_sorted(tmp_path):
      'config.data.label_fraction=0.0'),
     ({'data.partial_labels': 'random', 'data.label_mapping': __file__}, 'set only one'),
     ({'data.label_mapping': '/nonexistent.json'}, 'config.data.label_mapping: no such file'),
+    ({'data.partial_labels': 'one_label', 'data.partial_labels_seed': -1},
+     'config.data.partial_labels_seed=-1 must be an integer >= 0'),
 ])
 def test_config_errors_name_the_field(overrides, message):
   with pytest.raises(ValueError, match=message) as error:
@@ -89,6 +106,20 @@ def test_partial_label_fields_are_fixed_on_resume():
   for field in ('partial_labels', 'label_fraction', 'partial_labels_seed', 'label_mapping'):
     assert field in config_lib.base_config().data
     assert config_lib.fixed_on_resume(f'data.{field}')
+
+
+def test_resuming_a_run_older_than_the_fields_compares_with_their_defaults(tmp_path):
+  """A checkpoint written before partial labels existed trained on all labels: resuming it
+  with them on would change the experiment (refused); with the default it is no change."""
+  config = tiny_config()
+  older = json.loads(config.to_json_best_effort())
+  for field in ('partial_labels', 'label_fraction', 'partial_labels_seed', 'label_mapping'):
+    del older['data'][field]
+  (tmp_path / 'config.json').write_text(json.dumps(older))
+  train._check_config_change(config, str(tmp_path), 10)
+  config.data.partial_labels = 'one_label'
+  with pytest.raises(ValueError, match=r'^config.data.partial_labels changed since'):
+    train._check_config_change(config, str(tmp_path), 10)
 
 
 # ------------------------------------------------------------------- losses
@@ -353,7 +384,8 @@ def test_real_dataset_train_split_gets_a_mapping_and_labelled_batches(tmp_path, 
   config.batch_size = 6
   source = pipeline.open_split(config.data, 'train', config.tasks)
   assert pipeline.split_ids(source) == expected_ids
-  mapping = label_mapping.for_run(config.data, config.tasks, expected_ids, str(tmp_path))
+  mapping = label_mapping.for_run(config.data, config.tasks, expected_ids, str(tmp_path),
+                                  resuming=False)
   assert sorted(mapping) == sorted(expected_ids)
   batch = _batches(source, config, mapping, 1)[0]
   rows = sorted(tuple(t for t in sorted(config.tasks) if batch['labelled'][t][row])
@@ -373,7 +405,7 @@ def test_mapping_is_written_once_and_read_back_by_a_resume(tmp_path, data_dir, c
   source = pipeline.open_split(config.data, 'train', config.tasks)
   workdir = str(tmp_path)
   caplog.set_level('INFO', logger='absl')  # test_cli's in-process flag parsing sets WARNING
-  mapping = train._label_mapping(config, workdir, source, is_chief=True)
+  mapping = train._label_mapping(config, workdir, source, is_chief=True, resuming=False)
   path = tmp_path / label_mapping.FILENAME
   written = path.read_bytes()
   assert mapping == label_mapping.draw(pipeline.split_ids(source), config.tasks, 'random', 0.4, 5)
@@ -385,14 +417,18 @@ def test_mapping_is_written_once_and_read_back_by_a_resume(tmp_path, data_dir, c
   edited = dict(mapping, **{'00000': ('depth', 'sal')})
   label_mapping.save(workdir, edited)
   edited_bytes = path.read_bytes()
-  assert train._label_mapping(config, workdir, source, is_chief=True) == edited
+  assert train._label_mapping(config, workdir, source, is_chief=True, resuming=True) == edited
   assert path.read_bytes() == edited_bytes
   assert f'read back (sha256 {label_mapping.sha256(edited)})' in caplog.text
+  # A start with no checkpoint to resume draws what it is asked for: the file a start that
+  # saved none left (here the edited one) is replaced, with a warning.
+  assert train._label_mapping(config, workdir, source, is_chief=True, resuming=False) == mapping
+  assert path.read_bytes() == written and 'replaced: the start that wrote it' in caplog.text
   # Without partial labels nothing is written, and no ids are read (a pass over NYUD's or
   # PASCAL's whole train split).
   monkeypatch.setattr(pipeline, 'split_ids', lambda source: pytest.fail('read the ids'))
   assert train._label_mapping(tiny_config(data_dir), str(tmp_path / 'full'),
-                              source, is_chief=True) is None
+                              source, is_chief=True, resuming=False) is None
   assert not os.path.exists(tmp_path / 'full' / label_mapping.FILENAME)
 
 

@@ -91,14 +91,15 @@ def _crop(example, top, left, height, width):
   return out
 
 
-def random_crop(example, seed, height, width, cat_max_ratio=1.0, tries=11):
+def random_crop(example, seed, height, width, cat_max_ratio=1.0, tries=11, semseg_kept=True):
   """Random crop of at most (height, width): a smaller side is kept whole
   (ATRC's RandomCrop, padding comes after).
 
   With cat_max_ratio < 1 (ATRC: 0.75), up to `tries` crops are drawn and the
   first whose most frequent semseg class covers less than that fraction of the
   labelled pixels is kept, the last one unchecked: ATRC checks 10 and keeps
-  the 11th otherwise.
+  the 11th otherwise. An image whose semseg label is dropped (`semseg_kept`
+  false, partial labels) keeps the first crop: its label must not steer it.
   """
   shape = tf.shape(example['image'])
   height, width = tf.minimum(height, shape[0]), tf.minimum(width, shape[1])
@@ -123,7 +124,8 @@ def random_crop(example, seed, height, width, cat_max_ratio=1.0, tries=11):
                             cat_max_ratio * tf.cast(total, tf.float32))
 
     def cond(i, t, l):
-      return tf.logical_and(i < tries, tf.logical_not(acceptable(t, l)))
+      return tf.logical_and(tf.logical_and(i < tries, semseg_kept),
+                            tf.logical_not(acceptable(t, l)))
 
     def body(i, t, l):
       t, l = offsets(tf.minimum(i, tries - 1))
@@ -249,14 +251,16 @@ def normalize(image):
   return (image - tf.constant(IMAGENET_MEAN)) / tf.constant(IMAGENET_STD)
 
 
-def train_transform(example, seed, aug_config, crop_size):
+def train_transform(example, seed, aug_config, crop_size, semseg_kept=True):
   """Full training augmentation, in ATRC's order: scale, crop, flip,
-  photometric, normalise, centred padding to `crop_size`."""
+  photometric, normalise, centred padding to `crop_size`. `semseg_kept`: whether
+  the image keeps its semseg label (`random_crop`)."""
   seeds = tf.random.experimental.stateless_split(seed, 4)
   height, width = crop_size
   if aug_config.max_scale > aug_config.min_scale or aug_config.min_scale != 1.0:
     example = random_scale(example, seeds[0], aug_config.min_scale, aug_config.max_scale)
-  example = random_crop(example, seeds[2], height, width, aug_config.cat_max_ratio)
+  example = random_crop(example, seeds[2], height, width, aug_config.cat_max_ratio,
+                        semseg_kept=semseg_kept)
   if aug_config.flip:
     example = random_flip(example, seeds[3])
   if aug_config.photometric:

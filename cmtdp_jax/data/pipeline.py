@@ -217,9 +217,11 @@ def train_dataset(source: Source, config, start_step: int,
 
   def transform(position, record):
     seed = tf.stack([tf.constant(config.seed, tf.int64), position])
-    example = augment.train_transform(decode(record), seed, config.data.augment, crop)
+    kept = labelled(record['id']) if label_mapping is not None else {}
+    example = augment.train_transform(decode(record), seed, config.data.augment, crop,
+                                      semseg_kept=kept.get('semseg', True))
     if label_mapping is not None:
-      example['labelled'] = labelled(record['id'])
+      example['labelled'] = kept
     return example
 
   options = tf.data.Options()
