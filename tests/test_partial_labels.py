@@ -14,7 +14,7 @@ from cmtdp_jax import data as data_lib
 from cmtdp_jax import label_mapping
 from tests.conftest import tiny_config
 from tests.test_cli import run_main
-from tests.test_contrastive import module_inputs, small_config
+from tests.test_contrastive import module_inputs, relation, small_config
 from tests.test_train_step import build, make_batch
 
 IDS = [f'img{i:03d}' for i in range(103)]
@@ -287,6 +287,100 @@ def test_per_image_sources_equal_the_batch_draw_when_every_image_has_the_same_on
     np.testing.assert_allclose(diagnostics['semseg<-depth/loss'], got, rtol=1e-6)
 
 
+def _reference_regularizer(module, params, features, labels, labelled, rng):
+  """NumPy: the regularizer's loss and each pair's loss from the module's own random numbers.
+
+  The keys are split as the module does (per target `fold_in(rng, index)`, then draw /
+  sample / match) and the draws come from the same calls (`_draw_sources`, `sample_pixels`,
+  the ranks of `random_allowed_slot`); the rest is recomputed here: the pair rule, the
+  projection, the matching, the hinge, and the means over the valid triplets of the images
+  with a labelled source (not over every anchor), then over the targets. Also returns, per
+  target, the number of valid triplets and of anchors in the images with a source.
+  """
+  cfg = module.config
+  target_losses, pair_losses, counts = [], {}, []
+  for target, allowed in module.source_options().items():
+    draw_key, sample_key, match_key = jax.random.split(
+        jax.random.fold_in(rng, list(module.targets).index(target)), 3)
+    drawn, has_source = map(np.asarray, contrastive._draw_sources(draw_key, allowed, labelled))
+    feats = np.asarray(features[target], np.float64)
+    batch, height, width, channels = feats.shape
+    # Nearest resize with half-pixel centres: 32 -> 8 keeps rows 2, 6, ...; 32 -> 4 rows 4, 12, ...
+    step = labels[allowed[0]].shape[1] // height
+    resized = {s: np.asarray(labels[s])[:, step // 2::step, step // 2::step] for s in allowed}
+    flat = {s: r.reshape(batch, height * width, *r.shape[3:]) for s, r in resized.items()}
+    pos = np.zeros((batch, cfg.num_anchors, cfg.pool_size), bool)
+    neg = np.zeros_like(pos)
+    sampled = []
+    for image, key in enumerate(jax.random.split(sample_key, batch)):
+      source = allowed[drawn[image]]
+      valid = np.array([relation(source, x, x) is not None for x in flat[source][image]])
+      anchors, pool = map(np.asarray, contrastive.sample_pixels(
+          key, jnp.asarray(valid), num_anchors=cfg.num_anchors, pool_size=cfg.pool_size))
+      sampled.append((anchors, pool))
+      for k, a in enumerate(anchors):
+        for m, c in enumerate(pool):
+          rule = relation(source, flat[source][image][a], flat[source][image][c])
+          pos[image, k, m] = rule == 'pos' and a != c
+          neg[image, k, m] = rule == 'neg'
+    pos_key, neg_key = jax.random.split(match_key)
+    ranks = [np.asarray(jax.random.randint(key, pos.shape[:2], 0,
+                                           np.maximum(mask.sum(-1), 1)))
+             for key, mask in ((pos_key, pos), (neg_key, neg))]
+    hinges = {s: [] for s in allowed}
+    for image, (anchors, pool) in enumerate(sampled):
+      if not has_source[image]:
+        continue  # an image without another labelled task: no triplet
+      source = allowed[drawn[image]]
+      projector = jax.tree.map(lambda p: np.asarray(p, np.float64),
+                               params['params'][contrastive.pair_name(target, source)])
+      x = feats[image].reshape(height * width, channels)
+      hidden = np.maximum(x @ projector['hidden']['kernel'] + projector['hidden']['bias'], 0)
+      embedded = hidden @ projector['output']['kernel'] + projector['output']['bias']
+      # Unit length; a pixel whose hidden layer is all zero stays a zero vector.
+      embedded /= np.sqrt(np.maximum(np.sum(embedded**2, -1, keepdims=True), 1e-12))
+      distance = lambda a, b: np.sqrt(max(np.sum((a - b)**2), 1e-12))  # clamped as the module
+      for k, a in enumerate(anchors):
+        if not (pos[image, k].any() and neg[image, k].any()):
+          continue
+        positive = pool[np.flatnonzero(pos[image, k])[ranks[0][image, k]]]
+        negative = pool[np.flatnonzero(neg[image, k])[ranks[1][image, k]]]
+        hinges[source].append(max(distance(embedded[a], embedded[positive]) -
+                                  distance(embedded[a], embedded[negative]) + cfg.margin, 0.0))
+    every = sum(hinges.values(), [])
+    counts.append((len(every), np.sum(has_source) * cfg.num_anchors))
+    target_losses.append(np.mean(every) if every else 0.0)
+    for source, values in hinges.items():
+      pair_losses[contrastive.pair_name(target, source)] = np.mean(values) if values else 0.0
+  return np.mean(target_losses), pair_losses, counts
+
+
+def test_regularizer_matches_a_numpy_reference_with_images_without_a_source(
+    three_task_module):
+  module, features, labels, params, _ = three_task_module
+  apply = jax.jit(lambda labelled, rng: module.apply(params, features, labels, rng, labelled))
+  batches = [
+      # semseg: image 1 has no source; depth: images 1 and 3; normals: image 1.
+      {'semseg': [1, 0, 0, 0], 'depth': [0, 0, 1, 1], 'normals': [1, 0, 1, 0]},
+      # normals has no label in the batch; image 1 none at all.
+      {'semseg': [1, 0, 1, 0], 'depth': [0, 0, 1, 1], 'normals': [0, 0, 0, 0]}]
+  for labelled in batches:
+    labelled = {t: np.array(v, bool) for t, v in labelled.items()}
+    for seed in range(2):
+      rng = jax.random.key(seed)
+      loss, diagnostics = apply(labelled, rng)
+      expected, pair_losses, counts = _reference_regularizer(module, params, features, labels,
+                                                             labelled, rng)
+      # Every target has triplets, but fewer than the anchors of its images with a source
+      # (some anchors lack a positive or a negative): a mean over anchors would differ.
+      assert all(0 < triplets for triplets, _ in counts)
+      assert any(triplets < anchors for triplets, anchors in counts)
+      np.testing.assert_allclose(loss, expected, rtol=1e-5)
+      for pair, value in pair_losses.items():
+        np.testing.assert_allclose(diagnostics[f'{pair}/loss'], value, rtol=1e-5, atol=1e-7,
+                                   err_msg=pair)
+
+
 # ------------------------------------------------------------- train step
 
 
@@ -380,7 +474,9 @@ def test_real_dataset_train_split_gets_a_mapping_and_labelled_batches(tmp_path, 
   config.data = test_datasets._data_config(tmp_path, name, src)
   config.tasks = data_lib.get_dataset_spec(name).tasks
   config.data.partial_labels = 'one_label'
-  config.data.crop_size = (8, 8)
+  # Without augmentation, at the stored size, each row is a stored image.
+  config.data.crop_size = (test_datasets.HEIGHT, test_datasets.WIDTH)
+  config.data.augment.update(min_scale=1.0, max_scale=1.0, flip=False, photometric=False)
   config.batch_size = 6
   source = pipeline.open_split(config.data, 'train', config.tasks)
   assert pipeline.split_ids(source) == expected_ids
@@ -388,10 +484,14 @@ def test_real_dataset_train_split_gets_a_mapping_and_labelled_batches(tmp_path, 
                                   resuming=False)
   assert sorted(mapping) == sorted(expected_ids)
   batch = _batches(source, config, mapping, 1)[0]
-  rows = sorted(tuple(t for t in sorted(config.tasks) if batch['labelled'][t][row])
-                for row in range(6))
+  stored = [x['semseg'] for x in pipeline.decoded_examples(source).as_numpy_iterator()]
+  seen = []
+  for row in range(6):
+    [position] = [i for i, s in enumerate(stored) if np.array_equal(s, batch['semseg'][row])]
+    seen.append(expected_ids[position])
+    assert {t for t in config.tasks if batch['labelled'][t][row]} == set(mapping[seen[-1]])
   # Six rows of an epoch-wrapped split: each image twice (NYUD) or six times (PASCAL).
-  assert rows == sorted(list(mapping.values()) * (6 // len(expected_ids)))
+  assert sorted(seen) == sorted(expected_ids * (6 // len(expected_ids)))
 
 
 # ---------------------------------------------------------- runs and resume
