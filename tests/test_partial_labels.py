@@ -441,6 +441,25 @@ def test_synthetic_batches_carry_the_mapping_without_changing_data_or_augmentati
       assert kept == set(mapping[ids[position]])
 
 
+def test_crops_of_images_without_their_semseg_label_ignore_the_class_ratio(data_dir):
+  """With cat_max_ratio 0.01 no crop passes the check, so an image keeping its semseg label
+  takes the last try; one that dropped it takes the first, as with no check at all."""
+  from cmtdp_jax.data import pipeline  # pylint: disable=import-outside-toplevel
+  config = tiny_config(data_dir, **{'data.crop_size': (16, 16)})
+  config.data.augment.update(min_scale=1.0, max_scale=1.0, flip=False, photometric=False)
+  source = pipeline.open_split(config.data, 'train', config.tasks)
+  mapping = label_mapping.draw(pipeline.split_ids(source), config.tasks, 'random', 0.5, seed=0)
+  unchecked = _batches(source, config, None, 4)
+  config.data.augment.cat_max_ratio = 0.01
+  kept_rows_moved = 0
+  for free, checked in zip(unchecked, _batches(source, config, mapping, 4)):
+    for row, kept in enumerate(checked['labelled']['semseg']):
+      same = np.array_equal(free['image'][row], checked['image'][row])
+      assert same or kept
+      kept_rows_moved += kept and not same
+  assert kept_rows_moved > 0
+
+
 @pytest.mark.parametrize('num_processes', [1, 3])
 def test_eval_batches_of_a_split_without_ids_name_images_by_position(data_dir, monkeypatch,
                                                                      num_processes):
