@@ -427,7 +427,18 @@ def test_fingerprint_sees_a_change_of_the_update_that_leaves_the_losses_alone(mo
   monkeypatch.setattr(steps, 'compute_losses', rescaled)
   changed = ablation.numerics_fingerprint(config, probe_steps=1)
   assert changed['key'] != first['key']
-  for part in ('off', 'on'):
+  for part in ('off', 'on', 'partial'):
     assert changed['probe'][part]['losses'][0]['loss/total'] == (
         first['probe'][part]['losses'][0]['loss/total'])
     assert changed['probe'][part]['params_sha256'] != first['probe'][part]['params_sha256']
+  # A change to the partial-label step only (the full-label HLO is the same) is seen too.
+
+  def rescaled_if_partial(trainer, params, batch_stats, batch, rng):
+    total, aux = original(trainer, params, batch_stats, batch, rng)
+    return total * (1.0 + 2.0 ** -10 * ('labelled' in batch)), aux
+
+  monkeypatch.setattr(steps, 'compute_losses', rescaled_if_partial)
+  partial_only = ablation.numerics_fingerprint(config, probe_steps=1)
+  assert partial_only['probe']['on'] == first['probe']['on']
+  assert partial_only['probe']['partial'] != first['probe']['partial']
+  assert partial_only['key'] != first['key']

@@ -247,17 +247,20 @@ def first_step_losses(workdir: str) -> dict | None:
 def numerics_fingerprint(config, probe_steps: int = 2) -> dict:
   """What decides the rounding of a run's compiled step, independent of its cell.
 
-  The probe trains `probe_steps` steps of `config` (seed 0, full labels, the benchmark's fixed
-  random batch) with the regularizer off and on (at its weight, or 1 when that is 0) and
-  keeps every loss and the gradient norm as float32 hex and a sha256 of the parameters after
-  them. Versions, CPU model and device count go in beside it; `key` hashes everything.
+  The probe trains `probe_steps` steps of `config` (seed 0, the benchmark's fixed random
+  batch) with the regularizer off and on (at its weight, or 1 when that is 0), both with full
+  labels, and on with partial labels (image r keeps only the r-th task, cyclically: the step
+  with `batch['labelled']` compiles apart and has its own rounding). It keeps every loss and
+  the gradient norm as float32 hex and a sha256 of the parameters after them. Versions, CPU
+  model and device count go in beside it; `key` hashes everything.
   """
   import jax  # pylint: disable=import-outside-toplevel
   import jaxlib  # pylint: disable=import-outside-toplevel
   from cmtdp_jax import benchmark  # pylint: disable=import-outside-toplevel
   from cmtdp_jax import sharding  # pylint: disable=import-outside-toplevel
   probes = {}
-  for name, enable in (('off', False), ('on', True)):
+  for name, enable, partial in (('off', False, False), ('on', True, False),
+                                ('partial', True, True)):
     probe = config.copy_and_resolve_references()
     probe.seed = 0
     probe.contrastive.enable = enable
@@ -267,9 +270,11 @@ def numerics_fingerprint(config, probe_steps: int = 2) -> dict:
     mesh = sharding.make_mesh(probe.mesh)
     with jax.set_mesh(mesh):
       _, _, state, train_step, _ = benchmark.build(probe, mesh)
-      batch = jax.device_put(
-          benchmark.synthetic_batch(probe, probe.batch_size, probe.data.crop_size),
-          sharding.batch_sharding(mesh))
+      batch = benchmark.synthetic_batch(probe, probe.batch_size, probe.data.crop_size)
+      if partial:
+        rows = np.arange(probe.batch_size) % len(probe.tasks)
+        batch['labelled'] = {t: rows == i for i, t in enumerate(sorted(probe.tasks))}
+      batch = jax.device_put(batch, sharding.batch_sharding(mesh))
       losses = []
       for _ in range(probe_steps):
         state, metrics = train_step(state, batch)
