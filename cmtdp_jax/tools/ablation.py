@@ -26,7 +26,8 @@ the same code of the compiled train step, the same JAX/jaxlib, CPU model and dev
 study measures this at its start as a fingerprint (`numerics_fingerprint`): the versions, the
 CPU model, the number of devices and a probe that no cell's settings enter, so that a lambda-0
 reference and a lambda-3 treatment share it: two train steps of the study's base config (seed
-0, full labels, a fixed random batch) with the regularizer off and on, their losses and
+0, a fixed random batch) with the regularizer off and on with full labels, and on with partial
+labels (that step compiles apart; since af84d44, so earlier keys differ), their losses and
 gradient norms as float32 bit patterns and a sha256 of the parameters after them. Any change
 to the rounding of the forward pass, the gradient or the update (a code change such as the
 NaN guard of 5da98ea, another XLA build or CPU) changes the bits; the key is a 12-hex-digit
