@@ -98,10 +98,11 @@ class _RepeatedKey(ValueError):
 
 def _object_without_repeated_keys(pairs):
   """json's object hook: a key given twice would silently keep its last value."""
-  keys = [key for key, _ in pairs]
-  if len(set(keys)) < len(keys):
-    raise _RepeatedKey(next(k for k in keys if keys.count(k) > 1))
-  return dict(pairs)
+  values = dict(pairs)
+  if len(values) < len(pairs):  # one pass: a PASCAL mapping has about 5000 keys
+    seen = set()
+    raise _RepeatedKey(next(k for k, _ in pairs if k in seen or seen.add(k)))
+  return values
 
 
 def read(path: str, ids: Sequence[str], tasks: Sequence[str]) -> LabelMapping:
