@@ -105,18 +105,21 @@ def _object_without_repeated_keys(pairs):
   return values
 
 
-def read(path: str, ids: Sequence[str], tasks: Sequence[str]) -> LabelMapping:
-  """The mapping in JSON file `path`, checked against the split's `ids` and `tasks`."""
+def _parse(path: str):
   try:
     with open(path) as f:
-      values = json.load(f, object_pairs_hook=_object_without_repeated_keys)
+      return json.load(f, object_pairs_hook=_object_without_repeated_keys)
   except OSError as e:
     raise ValueError(f'{path}: cannot read the label mapping ({e.strerror})') from None
   except _RepeatedKey as e:
     raise ValueError(f"{path}: image id '{e}' is given twice") from None
   except ValueError as e:
     raise ValueError(f'{path}: not valid JSON ({e})') from None
-  return validate(values, ids, tasks, path)
+
+
+def read(path: str, ids: Sequence[str], tasks: Sequence[str]) -> LabelMapping:
+  """The mapping in JSON file `path`, checked against the split's `ids` and `tasks`."""
+  return validate(_parse(path), ids, tasks, path)
 
 
 def _text(mapping: Mapping[str, Sequence[str]]) -> str:
@@ -192,6 +195,38 @@ def check_config(data_config) -> None:
 def is_partial(data_config) -> bool:
   """Whether `config.data` asks for partially annotated training."""
   return bool(data_config.partial_labels or data_config.label_mapping)
+
+
+def _fields_read(data: Mapping) -> set[str]:
+  """The partial-label fields (of `config.data` as a dict) that choose the mapping."""
+  if data['label_mapping']:
+    return {'label_mapping'}
+  mode = data['partial_labels']
+  return ({'partial_labels'} | ({'partial_labels_seed'} if mode else set())
+          | ({'label_fraction'} if mode == 'random' else set()))
+
+
+def _same_as_saved(path: str, workdir: str) -> bool:
+  """Whether file `path` holds the mapping saved in `workdir` (task order aside)."""
+  try:
+    values, saved = _parse(path), load(workdir)
+    return saved is not None and isinstance(values, dict) and saved == {
+        i: tuple(sorted(set(t))) for i, t in sorted(values.items())}
+  except (ValueError, TypeError):  # unreadable, or not lists of names: not the same
+    return False
+
+
+def resume_free_fields(old_data: Mapping, new_data: Mapping, workdir: str) -> set[str]:
+  """The partial-label fields of `config.data` (as dicts: the checkpoint's run's and
+  this one's) whose change leaves what a resume in `workdir` trains on, its saved
+  mapping, as it was: a field neither config reads (`label_fraction` without
+  'random'), or a user's mapping file that moved (same mapping, another path)."""
+  unread = {'label_fraction', 'partial_labels_seed'} - _fields_read(old_data) - _fields_read(
+      new_data)
+  if old_data['label_mapping'] and new_data['label_mapping'] and _same_as_saved(
+      new_data['label_mapping'], workdir):
+    unread.add('label_mapping')
+  return {f'data.{field}' for field in unread}
 
 
 def for_run(data_config, tasks: Sequence[str], ids: Sequence[str], workdir: str, *,

@@ -124,10 +124,12 @@ def _check_config_change(config, workdir, checkpoint_step):
                      f'wrote checkpoint {checkpoint_step}') from e
   current = json.loads(config.to_json_best_effort())
   defaults = json.loads(config_lib.base_config().to_json_best_effort())
+  free = label_mapping.resume_free_fields({**defaults['data'], **previous.get('data', {})},
+                                         current['data'], workdir)
   refused = []
   for field, old, new in config_lib.changed_fields(previous, current, defaults=defaults):
     logging.warning('config.%s changed since %s: %s -> %s', field, path.name, old, new)
-    if old is not config_lib.ABSENT and config_lib.fixed_on_resume(field):
+    if old is not config_lib.ABSENT and config_lib.fixed_on_resume(field) and field not in free:
       refused.append(f'config.{field}')
   if refused and not config.allow_config_change:
     raise ValueError(f'{", ".join(refused)} changed since {path} (the run that wrote checkpoint '

@@ -122,6 +122,39 @@ def test_resuming_a_run_older_than_the_fields_compares_with_their_defaults(tmp_p
     train._check_config_change(config, str(tmp_path), 10)
 
 
+def _resume_check(tmp_path, before: dict, after: dict):
+  """Runs the resume check of a run configured with `before` resumed with `after`."""
+  (tmp_path / 'config.json').write_text(tiny_config(**before).to_json_best_effort())
+  train._check_config_change(tiny_config(**after), str(tmp_path), 10)
+
+
+def test_resume_lets_fields_change_that_leave_the_saved_mapping(tmp_path):
+  """A resume trains on its saved mapping: a field neither config reads, or a user's file
+  moved with the same mapping, changes nothing (before: refused); anything else is refused."""
+  one_label = {'data.partial_labels': 'one_label'}
+  _resume_check(tmp_path, dict(one_label, **{'data.label_fraction': 0.5}),
+                dict(one_label, **{'data.label_fraction': 0.3}))
+  _resume_check(tmp_path, {'data.partial_labels_seed': 0}, {'data.partial_labels_seed': 4})
+  random = {'data.partial_labels': 'random'}
+  with pytest.raises(ValueError, match=r'^config.data.label_fraction changed since'):
+    _resume_check(tmp_path, dict(random, **{'data.label_fraction': 0.5}),
+                  dict(random, **{'data.label_fraction': 0.3}))
+  with pytest.raises(ValueError, match=r'^config.data.label_fraction, config.data.partial_l'):
+    _resume_check(tmp_path, dict(one_label, **{'data.label_fraction': 0.5}),
+                  dict(random, **{'data.label_fraction': 0.3}))
+  saved = {'a': ('depth', 'semseg'), 'b': ('sal',)}
+  label_mapping.save(str(tmp_path), saved)
+  old, moved, other = (tmp_path / name for name in ('old.json', 'moved.json', 'other.json'))
+  old.write_text(json.dumps({'a': ['depth', 'semseg'], 'b': ['sal']}))
+  moved.write_text(json.dumps({'b': ['sal', 'sal'], 'a': ['semseg', 'depth']}))
+  other.write_text(json.dumps({'a': ['depth'], 'b': ['sal']}))
+  _resume_check(tmp_path, {'data.label_mapping': str(old)}, {'data.label_mapping': str(moved)})
+  for changed in (other, tmp_path / 'missing.json'):
+    with pytest.raises(ValueError, match=r'^config.data.label_mapping changed since'):
+      _resume_check(tmp_path, {'data.label_mapping': str(old)},
+                    {'data.label_mapping': str(changed)})
+
+
 # ------------------------------------------------------------------- losses
 
 
