@@ -329,7 +329,8 @@ def validate(config, num_devices: int) -> None:
 
 # Fields a resumed run must share with the run that wrote its checkpoint: with
 # another batch size, dataset, task list or model it would not continue that run.
-# 'data' includes the partial-label fields: a resume trains on <workdir>/label_mapping.json.
+# 'data' includes the partial-label fields: a resume trains on <workdir>/label_mapping.json
+# (label_mapping.resume_free_fields: those whose change leaves that file's mapping as it was).
 RESUME_FIXED = ('batch_size', 'tasks', 'data', 'model')
 # ... except those that only say where the data lives, how fast it is read, what
 # evaluation uses, or what only a fresh run loads.
