@@ -96,6 +96,11 @@ def base_config() -> ml_collections.ConfigDict:
   config.optim.poly_power = 0.9
   config.optim.warmup_steps = 0
   config.optim.grad_clip = 0.0  # max global L2 norm of the gradients; 0 = no clipping
+  # A parameter tensor whose gradient is exactly 0 (a head whose task has no label in the
+  # batch under partial labels, with nothing else reaching it): 'update' (optax: momentum
+  # and weight decay move it anyway) or 'hold' (as PyTorch skips a grad of None; its
+  # BatchNorm statistics are held too). steps.hold_zero_gradient.
+  config.optim.zero_gradient_params = 'update'
 
   config.batch_size = 8  # global, over all hosts and devices
   config.eval_batch_size = 8

@@ -50,6 +50,7 @@ class Trainer:
   regularizer_weight: float = flax.struct.field(pytree_node=False)
   seed: int = flax.struct.field(pytree_node=False)
   max_nonfinite_streak: int = flax.struct.field(pytree_node=False)
+  hold_zero_gradient: bool = flax.struct.field(pytree_node=False, default=False)
 
 
 def learning_rate_schedule(optim_config, total_steps: int):
@@ -89,7 +90,17 @@ def make_optimizer(optim_config, total_steps: int) -> optax.GradientTransformati
   return tx
 
 
+# config.optim.zero_gradient_params: what a step does to a parameter tensor whose
+# gradient is exactly 0 (e.g. a task head whose task has no label in the batch, partial
+# labels): 'update' moves it as optax does every parameter (momentum, weight decay);
+# 'hold' keeps it (`hold_zero_gradient`).
+ZERO_GRADIENT_PARAMS = ('update', 'hold')
+
+
 def make_trainer(config, model, total_steps: int) -> Trainer:
+  if config.optim.zero_gradient_params not in ZERO_GRADIENT_PARAMS:
+    raise ValueError(f"config.optim.zero_gradient_params='{config.optim.zero_gradient_params}' "
+                     f"is not one of {', '.join(ZERO_GRADIENT_PARAMS)}")
   task_names = tuple(config.tasks)
   weights = dict(config.loss_weights)
   regularizer = None
@@ -103,7 +114,8 @@ def make_trainer(config, model, total_steps: int) -> Trainer:
       loss_weights=tuple(weights.get(t, tasks_lib.get_task(t).loss_weight) for t in task_names),
       loss_options={t: dict(config.loss_options.get(t, {})) for t in task_names},
       regularizer_weight=float(config.contrastive.weight), seed=int(config.seed),
-      max_nonfinite_streak=int(config.max_nonfinite_streak))
+      max_nonfinite_streak=int(config.max_nonfinite_streak),
+      hold_zero_gradient=config.optim.zero_gradient_params == 'hold')
 
 
 def init_key(seed: int):
@@ -214,6 +226,36 @@ def aux_predictions(intermediates) -> dict[str, jax.Array]:
   return found
 
 
+def hold_zero_gradient(tx, grads, state: TrainState, params, opt_state, batch_stats):
+  """The new (params, opt_state, batch_stats) with what a zero gradient leaves as it was.
+
+  As PyTorch's optimizers skip a parameter whose `.grad` is None, a parameter tensor
+  whose gradient is exactly 0 everywhere keeps its value and its optimizer state
+  (momentum or moments; no weight decay), and a BatchNorm whose scale and bias got
+  none keeps its running statistics: a head whose task has no label in the batch,
+  and that nothing else reaches, does not move. Unlike PyTorch's per-parameter step
+  counts, optax's one count (Adam's bias correction, the schedule) still advances.
+  """
+  moved = jax.tree.map(lambda g: jnp.any(g != 0), grads)
+  pick = lambda keep_new, new, old: jnp.where(keep_new, new, old)
+  params = jax.tree.map(pick, moved, params, state.params)
+  opt_moved = optax.tree_utils.tree_map_params(
+      tx, lambda _, m: m, opt_state, moved,
+      transform_non_params=lambda value: jax.tree.map(lambda _: True, value))
+  opt_state = jax.tree.map(pick, opt_moved, opt_state, state.opt_state)
+  moved_params = flax.traverse_util.flatten_dict(moved['model'])
+  def stats_moved(path, _):
+    module = path[:-1]  # (..., 'mean' | 'var') -> the BatchNorm's params, if it has any
+    flags = [moved_params[module + (n,)] for n in ('scale', 'bias') if module + (n,) in
+             moved_params]
+    return functools.reduce(jnp.logical_or, flags) if flags else True
+  stats_flags = flax.traverse_util.unflatten_dict(
+      {path: stats_moved(path, v) for path, v in
+       flax.traverse_util.flatten_dict(batch_stats).items()})
+  batch_stats = jax.tree.map(pick, stats_flags, batch_stats, state.batch_stats)
+  return params, opt_state, batch_stats
+
+
 def train_step(trainer: Trainer, state: TrainState, batch):
   """One SGD step that never makes the state non-finite, so no checkpoint holds NaN.
 
@@ -230,6 +272,9 @@ def train_step(trainer: Trainer, state: TrainState, batch):
                                                   batch, rng)
   updates, opt_state = trainer.tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
+  if trainer.hold_zero_gradient:
+    params, opt_state, batch_stats = hold_zero_gradient(trainer.tx, grads, state, params,
+                                                        opt_state, batch_stats)
   # One norm per tree instead of a reduction and a branch per leaf: the latter
   # compiles many times slower on XLA:CPU. A squared norm that overflows float32
   # counts as non-finite, which also rejects finite garbage (parameters of 1e30).

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cmtdp_jax import config_lib, contrastive, sharding, tasks, train
+from cmtdp_jax import config_lib, contrastive, sharding, steps, tasks, train
 from cmtdp_jax import data as data_lib
 from cmtdp_jax import label_mapping
 from tests.conftest import tiny_config
@@ -441,6 +441,55 @@ def test_eight_devices_match_one_device_with_partial_labels():
   assert metrics8['loss/normals'] == 0.0 and metrics8['loss/contrastive'] > 0
   for a, b in zip(jax.tree.leaves(params8), jax.tree.leaves(params1)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def _changed(before, after) -> set[str]:
+  """The top-level entries (modules) of two trees in which some leaf differs."""
+  return {name for name in before if any(
+      not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(before[name]),
+                                               jax.tree.leaves(after[name])))}
+
+
+def _step_twice(config):
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ('data',))
+  _, state, step = build(config, mesh)
+  start = jax.device_get(state)
+  batch = dict(make_batch(config), labelled=LABELLED)  # normals: no image labelled
+  with jax.set_mesh(mesh):
+    for _ in range(2):
+      state, _ = step(state, jax.device_put(batch, sharding.batch_sharding(mesh)))
+  end = jax.device_get(state)
+  moments = lambda s: [t for t in jax.tree.leaves(s.opt_state, is_leaf=lambda x: isinstance(
+      x, dict) and 'model' in x) if isinstance(t, dict)]
+  opt_changed = set().union(*(_changed(a['model'], b['model'])
+                              for a, b in zip(moments(start), moments(end))))
+  return (_changed(start.params['model'], end.params['model']),
+          _changed(start.batch_stats, end.batch_stats), opt_changed)
+
+
+@pytest.mark.parametrize('optim,contrastive_on,mode', [
+    ('sgd', False, 'update'), ('sgd', False, 'hold'), ('adamw', True, 'hold')])
+def test_zero_gradient_params_hold_a_head_without_labels(optim, contrastive_on, mode):
+  """config.optim.zero_gradient_params: with 'update' a head without labels in the batch
+  still moves (weight decay, momentum); with 'hold' its parameters, optimizer state and
+  BatchNorm statistics stay, unless the regularizer reaches its features."""
+  config = tiny_config(**{'tasks': ('semseg', 'depth', 'normals'), 'optim.name': optim,
+                          'contrastive.enable': contrastive_on,
+                          'optim.zero_gradient_params': mode})
+  params, stats, opt = _step_twice(config)
+  assert {'semseg_head', 'semseg_pred', 'depth_pred', 'backbone'} <= params & opt
+  assert {'semseg_head', 'depth_head'} <= stats
+  if mode == 'update':
+    assert {'normals_head', 'normals_pred'} <= params & opt and 'normals_head' in stats
+  elif contrastive_on:  # the regularizer teaches normals' head from the other labels
+    assert 'normals_head' in params & opt & stats and 'normals_pred' not in params | opt
+  else:
+    assert not {'normals_head', 'normals_pred'} & (params | opt | stats)
+
+
+def test_unknown_zero_gradient_params_is_one_line():
+  with pytest.raises(ValueError, match=r"^config.optim.zero_gradient_params='keep' is not one"):
+    steps.make_trainer(tiny_config(**{'optim.zero_gradient_params': 'keep'}), None, 10)
 
 
 # ----------------------------------------------------------------- pipeline
