@@ -442,3 +442,33 @@ def test_fingerprint_sees_a_change_of_the_update_that_leaves_the_losses_alone(mo
   assert partial_only['probe']['on'] == first['probe']['on']
   assert partial_only['probe']['partial'] != first['probe']['partial']
   assert partial_only['key'] != first['key']
+
+
+@pytest.mark.parametrize('config_module,results,regimes,weights,pilot,marker', [
+    ('synthetic_partial_study', 'results', ('full', 'one_label', 'random0.5'), [0.0, 'pilot'],
+     True, 'partial label study table'),
+    ('synthetic', 'results_64', ('full',), [0.0, 1.0], False, 'partial label study 64x64 table'),
+])
+def test_committed_partial_label_tables_are_the_tools_output(tmp_path, monkeypatch,
+                                                              config_module, results, regimes,
+                                                              weights, pilot, marker):
+  """The README's study tables are what the tool writes from the committed records, with
+  DESIGN.md's arguments (nothing edited by hand, nothing trained: every record is there)."""
+  import importlib  # pylint: disable=import-outside-toplevel
+  import shutil  # pylint: disable=import-outside-toplevel
+  folder = os.path.join('docs', 'partial_label_study', results)
+  shutil.copytree(os.path.join(ROOT, folder), tmp_path / folder)
+  shutil.copy(os.path.join(ROOT, 'README.md'), tmp_path / 'README.md')
+  monkeypatch.setattr(ablation, 'train_run', lambda *args: pytest.fail('trained a run'))
+  config = importlib.import_module(f'configs.{config_module}').get_config()
+  config.num_steps = 1000
+  pilot_args = ({'pilot_weights': [1.0, 3.0], 'pilot_seeds': [100, 101], 'pilot_steps': 500}
+                if pilot else {})
+  ablation.run_study(config, str(tmp_path / 'work'), str(tmp_path / folder), weights, [1000],
+                     [0, 1, 2, 3], [], [], analyze=False, train_missing=False, regimes=regimes,
+                     readme=str(tmp_path / 'README.md'), readme_marker=marker, **pilot_args)
+  section = lambda text: text.split(f'<!-- {marker} -->')[1].split(f'<!-- /{marker} -->')[0]
+  with open(os.path.join(ROOT, 'README.md')) as f:
+    committed = section(f.read())
+  assert 'n1000_w1' in committed
+  assert section((tmp_path / 'README.md').read_text()) == committed
