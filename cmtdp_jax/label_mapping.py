@@ -209,10 +209,12 @@ def _fields_read(data: Mapping) -> set[str]:
 def _same_as_saved(path: str, workdir: str) -> bool:
   """Whether file `path` holds the mapping saved in `workdir` (task order aside)."""
   try:
-    values, saved = _parse(path), load(workdir)
-    return saved is not None and isinstance(values, dict) and saved == {
-        i: tuple(sorted(set(t))) for i, t in sorted(values.items())}
-  except (ValueError, TypeError):  # unreadable, or not lists of names: not the same
+    saved = load(workdir)
+    if saved is None:
+      return False
+    saved_tasks = sorted({t for image_tasks in saved.values() for t in image_tasks})
+    return validate(_parse(path), list(saved), saved_tasks, path) == saved
+  except ValueError:  # unreadable, or another image or task: not the same
     return False
 
 

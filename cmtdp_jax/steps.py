@@ -244,14 +244,13 @@ def hold_zero_gradient(tx, grads, state: TrainState, params, opt_state, batch_st
       transform_non_params=lambda value: jax.tree.map(lambda _: True, value))
   opt_state = jax.tree.map(pick, opt_moved, opt_state, state.opt_state)
   moved_params = flax.traverse_util.flatten_dict(moved['model'])
-  def stats_moved(path, _):
+  def stats_moved(path):
     module = path[:-1]  # (..., 'mean' | 'var') -> the BatchNorm's params, if it has any
     flags = [moved_params[module + (n,)] for n in ('scale', 'bias') if module + (n,) in
              moved_params]
     return functools.reduce(jnp.logical_or, flags) if flags else True
   stats_flags = flax.traverse_util.unflatten_dict(
-      {path: stats_moved(path, v) for path, v in
-       flax.traverse_util.flatten_dict(batch_stats).items()})
+      {path: stats_moved(path) for path in flax.traverse_util.flatten_dict(batch_stats)})
   batch_stats = jax.tree.map(pick, stats_flags, batch_stats, state.batch_stats)
   return params, opt_state, batch_stats
 
