@@ -10,27 +10,26 @@ import pytest
 
 from cmtdp_jax import sharding, train
 from tests.conftest import tiny_config
-from tests.test_cli import assert_same_params, run_main, start_main
-from tests.test_train_step import run_steps
+from tests import same_training
+from tests.test_cli import checkpoint_state, run_main, start_main
+from tests.test_train_step import trained_run
 
 
 def test_fsdp_step_matches_data_parallel_and_shards_params():
+  """Tolerances: `same_training` (FSDP reduce-scatters in another order)."""
   config = tiny_config(**{'optim.name': 'sgd', 'tasks': ('semseg', 'depth'),
                           'mesh.fsdp_min_size': 256})
   dp = jax.make_mesh((8,), ('data',), axis_types=(jax.sharding.AxisType.Auto,))
   fsdp = jax.make_mesh((4, 2), ('data', 'fsdp'), axis_types=(jax.sharding.AxisType.Auto,) * 2)
-  state_dp, hist_dp = run_steps(config, dp, 2, keep_on_device=True)
-  state_fsdp, hist_fsdp = run_steps(config, fsdp, 2, keep_on_device=True)
-  for a, b in zip(hist_dp, hist_fsdp):
-    np.testing.assert_allclose(a['loss/total'], b['loss/total'], rtol=1e-5)
+  run_dp = trained_run(config, dp, 3)[0]
+  run_fsdp, state_fsdp, _ = trained_run(config, fsdp, 3)
+  same_training.assert_same_training(run_dp, run_fsdp)
   sharded = [x for x in jax.tree.leaves(state_fsdp.params)
              if 'fsdp' in str(x.sharding.spec)]
   assert sharded, 'no parameter is sharded over fsdp'
   for leaf in sharded:
     assert leaf.addressable_shards[0].data.size * 2 == leaf.size
   assert any('fsdp' in str(x.sharding.spec) for x in jax.tree.leaves(state_fsdp.opt_state))
-  for a, b in zip(jax.tree.leaves(state_dp.params), jax.tree.leaves(state_fsdp.params)):
-    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
 
 
 def test_param_spec_rules():
@@ -53,11 +52,19 @@ def _losses(stdout):
           if line.startswith('step ')]
 
 
+def _cli_run(workdir, stdout) -> same_training.Run:
+  """A CLI run's logged losses and its saved states after steps 1 and 2."""
+  states = {step: same_training.state_vectors(*checkpoint_state(workdir, step))
+            for step in (1, 2)}
+  return same_training.Run(_losses(stdout), states)
+
+
 def test_two_processes_match_one_process(tmp_path, data_dir):
-  """2 processes x 4 CPU devices train like 1 process x 8 devices."""
+  """2 processes x 4 CPU devices train like 1 process x 8 devices, up to the order of the
+  cross-process reductions (tolerances: `same_training`, derived from measured noise)."""
   # SGD: AdamW turns reduction-order differences on near-zero gradients into O(lr) steps.
-  flags = ('--config.num_steps=4', '--config.log_every=1', '--config.checkpoint_every=4',
-           '--config.optim.name=sgd')
+  flags = ('--config.num_steps=4', '--config.log_every=1', '--config.checkpoint_every=1',
+           '--config.keep_checkpoints=4', '--config.optim.name=sgd')
   one = str(tmp_path / 'one')
   single = run_main(one, *flags, data_dir=data_dir, devices=8)
   two = str(tmp_path / 'two')
@@ -70,9 +77,8 @@ def test_two_processes_match_one_process(tmp_path, data_dir):
   for i, p in enumerate(procs):
     assert p.returncode == 0, (tmp_path / f'process{i}.log').read_text()[-3000:]
   assert not _losses(outputs[1]), 'only process 0 logs'
-  np.testing.assert_allclose(_losses(outputs[0]), _losses(single.stdout), rtol=1e-4)
   assert len(_losses(single.stdout)) == 4
-  assert_same_params(one, two, 4, exact=False)
+  same_training.assert_same_training(_cli_run(one, single.stdout), _cli_run(two, outputs[0]))
   # Each host scored its share of the eval set; the merged counts cover all of it.
   one_results, two_results = (json.loads((pathlib.Path(w) / 'eval' / 'step_4.json').read_text())
                               for w in (one, two))

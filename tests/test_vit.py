@@ -20,8 +20,9 @@ from cmtdp_jax import benchmark, models, steps, train
 from cmtdp_jax.models import backbones, convert
 from cmtdp_jax.models.backbones import vit
 from cmtdp_jax.tools import check_backbone, convert_weights
+from tests import same_training
 from tests.conftest import tiny_config
-from tests.test_train_step import run_steps
+from tests.test_train_step import trained_run
 
 GOLDEN_DIR = os.path.join(os.path.dirname(__file__), 'golden')
 sys.path.insert(0, GOLDEN_DIR)
@@ -298,18 +299,14 @@ def test_fsdp_shards_vit_params_and_matches_one_device():
                           'tasks': ('semseg',), 'mesh.fsdp_min_size': 256})
   fsdp = jax.make_mesh((4, 2), ('data', 'fsdp'), axis_types=(jax.sharding.AxisType.Auto,) * 2)
   one = jax.sharding.Mesh(np.array(jax.devices()[:1]), ('data',))
-  state_fsdp, hist_fsdp = run_steps(config, fsdp, 1, keep_on_device=True)
-  state_one, hist_one = run_steps(config, one, 1)
-  for a, b in zip(hist_fsdp, hist_one):
-    np.testing.assert_allclose(a['loss/total'], b['loss/total'], rtol=1e-5)
+  run_fsdp, state_fsdp, _ = trained_run(config, fsdp, 3)
+  same_training.assert_same_training(trained_run(config, one, 3)[0], run_fsdp)  # tolerances there
   backbone = traverse_util.flatten_dict(state_fsdp.params['model']['backbone'])
   for path in [('blocks_0', 'attn', 'qkv', 'kernel'), ('blocks_1', 'mlp', 'fc1', 'kernel'),
                ('pos_embed',)]:
     leaf = backbone[path]
     assert 'fsdp' in str(leaf.sharding.spec), path
     assert leaf.addressable_shards[0].data.size * 2 == leaf.size
-  for a, b in zip(jax.tree.leaves(state_fsdp.params), jax.tree.leaves(state_one.params)):
-    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
 
 
 def test_check_backbone_without_torch_says_so():
