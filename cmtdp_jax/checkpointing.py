@@ -13,10 +13,18 @@ intact one and moves it aside to `<step>.corrupt`, never deleting it. One that
 reads back but does not fit the config, or holds non-finite values, stops
 the run with one line instead: an older checkpoint of the same run would not
 do better.
+
+A save that fails in the background (a full disk, a quota) stops the run at its
+next step with one line naming the workdir and the last intact checkpoint
+(`CheckpointWriteError`): a run must not go on training with nowhere to save.
+Orbax leaves the failed step in its temporary folder, which the next start
+removes.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import logging as python_logging
 import os
 import sys
@@ -33,6 +41,15 @@ class DamagedCheckpointError(ValueError):
   """A checkpoint whose files cannot be read back."""
 
 
+class CheckpointWriteError(RuntimeError):
+  """A checkpoint that could not be written; the earlier ones are intact."""
+
+
+# errno values of "no room left", and how TensorStore names them in its messages.
+_NO_ROOM = {errno.ENOSPC: 'the disk is full', errno.EDQUOT: 'the disk quota is exceeded',
+            errno.EFBIG: 'a file size limit is reached'}
+
+
 class Checkpointer:
   """Saves every `every_steps` steps (and on demand), keeps the last `keep`.
 
@@ -42,6 +59,7 @@ class Checkpointer:
 
   def __init__(self, workdir: str, every_steps: int, keep: int, async_save: bool = True,
                read_only: bool = False):
+    self._saving = None  # the step of the last save started
     # Orbax wants absolute paths; keep URLs such as gs://... as they are.
     if '://' not in workdir:
       workdir = os.path.abspath(workdir)
@@ -60,10 +78,47 @@ class Checkpointer:
     return self.manager.latest_step()
 
   def maybe_save(self, step: int, state, force: bool = False) -> bool:
-    """Saves at the configured interval, or now with `force` (end, SIGTERM)."""
+    """Saves at the configured interval, or now with `force` (end, SIGTERM).
+
+    Called every step, it first raises `CheckpointWriteError` if the last save
+    failed in the background (a cheap check: no wait).
+    """
+    self.check_saved()
     if not self.due(step, force):
       return False
-    return self.manager.save(step, args=ocp.args.StandardSave(state), force=True)
+    self.wait()  # Orbax waits for the last save too; here its failure names its own step
+    self._saving = step
+    _drop_callbacks_into_closed_loop()  # a failing write's other writes complete late
+    with self._write_errors():
+      return self.manager.save(step, args=ocp.args.StandardSave(state), force=True)
+
+  def check_saved(self):
+    """Raises `CheckpointWriteError` if a background save has failed."""
+    with self._write_errors():
+      self.manager.check_for_errors()
+
+  @contextlib.contextmanager
+  def _write_errors(self):
+    """Turns Orbax's error for a failed save into one `CheckpointWriteError` line."""
+    try:
+      yield
+    except Exception as e:  # pylint: disable=broad-except  # Orbax raises many kinds
+      if getattr(self, '_saving', None) is None:
+        raise
+      raise CheckpointWriteError(self._describe_write_error(e)) from e
+
+  def _describe_write_error(self, error: Exception) -> str:
+    failed = self._saving
+    self.manager.reload()
+    intact = [s for s in self.manager.all_steps() if s != failed]
+    last = (f'the last intact checkpoint is {self.directory}/{max(intact)}, which the same '
+            'command resumes from' if intact else 'no earlier checkpoint exists')
+    reason = _no_room(error)
+    if reason:
+      return (f'{reason}: checkpoint {failed} could not be written to {self.directory} '
+              f'(workdir {os.path.dirname(self.directory)}); {last} once there is room')
+    return f'checkpoint {failed} could not be written to {self.directory}: ' \
+           f'{_first_line(error)}; {last}'
 
   def due(self, step: int, force: bool = False) -> bool:
     """Whether `maybe_save(step, ..., force)` would write a checkpoint."""
@@ -109,7 +164,7 @@ class Checkpointer:
     try:
       metadata = self.manager.item_metadata(step)
     except Exception as e:  # pylint: disable=broad-except  # Orbax raises many kinds
-      _drop_reads_into_closed_loop()
+      _drop_callbacks_into_closed_loop()
       raise DamagedCheckpointError(f'{path} is damaged: {_first_line(e)}') from e
     if metadata is None or getattr(metadata, 'tree', None) is None:
       raise DamagedCheckpointError(f'{path} is damaged: default/_METADATA cannot be read')
@@ -120,7 +175,7 @@ class Checkpointer:
     try:
       state = self.manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
     except Exception as e:  # pylint: disable=broad-except
-      _drop_reads_into_closed_loop()
+      _drop_callbacks_into_closed_loop()
       raise DamagedCheckpointError(f'{path} is damaged: {_first_line(e)}') from e
     nonfinite = nonfinite_arrays(state)
     if nonfinite:
@@ -143,11 +198,14 @@ class Checkpointer:
     return str(target)
 
   def wait(self):
-    self.manager.wait_until_finished()
+    with self._write_errors():
+      self.manager.wait_until_finished()
 
   def close(self):
-    self.manager.wait_until_finished()
-    self.manager.close()
+    try:
+      self.wait()
+    finally:
+      self.manager.close()
 
 
 def describe_mismatch(stored_tree, abstract_state, limit: int = 3) -> str:
@@ -191,11 +249,15 @@ def nonfinite_arrays(state) -> list[str]:
 
 
 class _DropOrbaxNotices(python_logging.Filter):
-  """Orbax warns that a read-only manager is read-only, and that a damaged item
-  "could not be restored" before it says why: our one line says both."""
+  """Orbax warns that a read-only manager is read-only, that a damaged item
+  "could not be restored" before it says why, and logs a failed background save
+  with a traceback from each of its threads: our one line says each."""
 
   NOTICES = ('Given directory is read only', 'read_only=True, setting',
-             'was found in the checkpoint, but could not be restored')
+             'was found in the checkpoint, but could not be restored',
+             '_SignalingThread.run() raised an exception',
+             'Commit operations or the Commit callback in background save thread',
+             'Save Finalize thread (save_finalize) failed')
 
   def filter(self, record):
     return not any(notice in record.getMessage() for notice in self.NOTICES)
@@ -204,10 +266,11 @@ class _DropOrbaxNotices(python_logging.Filter):
 python_logging.getLogger('absl').addFilter(_DropOrbaxNotices())
 
 
-def _drop_reads_into_closed_loop():
-  """After a failed read TensorStore still completes the other reads into Orbax's
-  event loop, closed by then, and Python prints a 'RuntimeError: Event loop is
-  closed' traceback for each: drops just those (our one line says what failed)."""
+def _drop_callbacks_into_closed_loop():
+  """After a failed read or write TensorStore still completes the others into
+  Orbax's event loop, closed by then, and Python prints a 'RuntimeError: Event
+  loop is closed' traceback for each: drops just those (our one line says what
+  failed)."""
   previous = sys.unraisablehook
   if getattr(previous, 'drops_reads_into_closed_loop', False):
     return
@@ -219,6 +282,20 @@ def _drop_reads_into_closed_loop():
 
   hook.drops_reads_into_closed_loop = True
   sys.unraisablehook = hook
+
+
+def _no_room(error: BaseException) -> str | None:
+  """What ran out, if `error` (or an error it was raised from) says that no room is left:
+  an `OSError`, or TensorStore's message with its `os_error_code`."""
+  while error is not None:
+    code = getattr(error, 'errno', None)
+    if code in _NO_ROOM:
+      return _NO_ROOM[code]
+    for code, reason in _NO_ROOM.items():
+      if f"os_error_code='{code}'" in str(error) or os.strerror(code) in str(error):
+        return reason
+    error = error.__cause__ or error.__context__
+  return None
 
 
 def _shape_dtype(x) -> str:

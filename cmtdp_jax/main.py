@@ -21,6 +21,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from cmtdp_jax import analysis
+from cmtdp_jax import checkpointing
 from cmtdp_jax import config_lib
 from cmtdp_jax import train
 
@@ -71,7 +72,8 @@ def main(argv):
       train.evaluate(FLAGS.config, FLAGS.workdir, FLAGS.step)
     else:
       analysis.analyze(FLAGS.config, FLAGS.workdir, FLAGS.step)
-  except (ValueError, FileNotFoundError, FloatingPointError) as e:
+  except (ValueError, FileNotFoundError, FloatingPointError,
+          checkpointing.CheckpointWriteError) as e:
     sys.exit(f'error: {e}')
 
 

@@ -252,3 +252,70 @@ def test_failed_resume_closes_the_checkpointer_and_frees_the_workdir(diverged, m
   assert '\n' not in str(error.value)
   assert closed == [os.path.join(workdir, 'checkpoints')]
   workdir_lock.acquire(workdir).release()  # not held any more
+
+
+def _write_to_a_full_disk(*args, **kwargs):
+  """A checkpoint writer on a full disk: its first write fails as a full disk's does."""
+  del args, kwargs
+  with open('/dev/full', 'wb') as full:  # every Linux has it: writes fail with ENOSPC
+    full.write(b'checkpoint bytes')
+    full.flush()
+
+
+def test_full_disk_stops_the_run_in_one_line_and_keeps_the_last_checkpoint(tmp_path,
+                                                                          monkeypatch):
+  """A background save that fails stops the run at its next step, and the line names
+  the workdir, the failed step and the last intact checkpoint; that one still restores."""
+  from orbax.checkpoint._src.serialization import serialization  # pylint: disable=import-outside-toplevel
+  state = {'w': jnp.arange(6.0), 'step': jnp.int32(10)}
+  checkpointer = checkpointing.Checkpointer(str(tmp_path), every_steps=10, keep=3)
+  checkpointer.maybe_save(10, state)
+  checkpointer.wait()
+  monkeypatch.setattr(serialization, 'async_serialize_from_host', _write_to_a_full_disk)
+  checkpointer.maybe_save(20, dict(state, step=jnp.int32(20)))
+  with pytest.raises(checkpointing.CheckpointWriteError) as error:
+    for step in range(21, 30):  # the loop calls maybe_save every step
+      checkpointer.maybe_save(step, state)
+    checkpointer.wait()
+  directory = tmp_path / 'checkpoints'
+  assert str(error.value) == (
+      f'the disk is full: checkpoint 20 could not be written to {directory} (workdir '
+      f'{tmp_path}); the last intact checkpoint is {directory}/10, which the same command '
+      'resumes from once there is room')
+  monkeypatch.undo()
+  checkpointer.close()
+  restored = checkpointing.Checkpointer(str(tmp_path), 10, 3).restore(abstract_of(state))
+  assert int(restored['step']) == 10
+
+
+def _mount_tmpfs(path, size):
+  """Mounts a tmpfs of `size` at `path`, or skips: it takes root (CI runs as root)."""
+  path.mkdir(exist_ok=True)
+  done = subprocess.run(['mount', '-t', 'tmpfs', '-o', f'size={size}', 'tmpfs', str(path)],
+                        capture_output=True, text=True, check=False)
+  if done.returncode:
+    pytest.skip(f'a real full disk needs a small tmpfs, and mount failed: {done.stderr.strip()}')
+
+
+def test_full_disk_of_a_real_run_is_one_line_and_resumes_after(tmp_path, data_dir):
+  """The CLI on a 6 MB tmpfs: checkpoint 10 (3.4 MB) fits, 20 does not. One line, exit 1;
+  with room again the same command resumes from 10."""
+  small = tmp_path / 'small'
+  _mount_tmpfs(small, '6m')
+  try:
+    workdir = str(small / 'run')
+    flags = ('--config.num_steps=30', '--config.checkpoint_every=10')
+    full = run_main(workdir, *flags, data_dir=data_dir, check=False)
+    assert full.returncode == 1, full.stderr[-3000:]
+    stderr = [line for line in full.stderr.splitlines() if not re.match(r'[IW]\d{4} ', line)
+              and 'All log messages before absl' not in line and 'oneDNN' not in line]
+    checkpoints = os.path.join(workdir, 'checkpoints')
+    assert stderr == [f'error: the disk is full: checkpoint 20 could not be written to '
+                      f'{checkpoints} (workdir {workdir}); the last intact checkpoint is '
+                      f'{checkpoints}/10, which the same command resumes from once there is '
+                      'room'], full.stderr[-3000:]
+    subprocess.run(['mount', '-o', 'remount,size=40m', str(small)], check=True)
+    resumed = run_main(workdir, *flags, data_dir=data_dir)
+    assert 'Resumed from' in resumed.stderr and 'at step 10' in resumed.stderr
+  finally:
+    subprocess.run(['umount', str(small)], check=False)
