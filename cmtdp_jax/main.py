@@ -14,7 +14,12 @@ variants); `--mode=print_config` prints the config after the overrides and exits
 """
 
 import logging as python_logging
+import os
 import sys
+
+# TensorFlow only reads data here: its C++ notices (oneDNN, a cache left half read after
+# an error) would only bury our one error line. Errors still show.
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
 import jax
 from absl import app, flags, logging

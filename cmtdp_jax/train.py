@@ -227,8 +227,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
                              resuming=latest is not None)
     eval_source = pipeline.open_eval_split(config)
     batches = pipeline.global_batches(
-        pipeline.train_dataset(train_source, config, start_step, mapping), batch_sharding,
-        config.data.device_prefetch)
+        pipeline.numpy_batches(pipeline.train_dataset(train_source, config, start_step, mapping),
+                               train_source), batch_sharding, config.data.device_prefetch)
     preemption = _Preemption(checkpointer)
     logging.info('Training %s on %s for %d steps (from %d), %d devices, global batch %d',
                  config.model.framework, spec.name, config.num_steps, start_step,
@@ -334,7 +334,7 @@ def run_evaluation(config, model, state, eval_source, mesh, outputs=None,
   metrics = metrics or scoring.eval_metrics(config, eval_source)
   shown = progress.Progress('evaluation', eval_source.num_examples, 'images',
                             enabled=jax.process_index() == 0)
-  for batch in pipeline.eval_dataset(eval_source, config).as_numpy_iterator():
+  for batch in pipeline.numpy_batches(pipeline.eval_dataset(eval_source, config), eval_source):
     images = pipeline.to_global({'image': batch['image']}, batch_sharding)['image']
     predictions = predict(state.params['model'], state.batch_stats, images)
     local = jax.tree.map(np.asarray, multihost_utils.global_array_to_host_local_array(

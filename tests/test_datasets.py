@@ -537,7 +537,8 @@ def test_device_prefetch_keeps_order_and_runs_ahead(monkeypatch, device_prefetch
   monkeypatch.setattr(pipeline, 'to_global',
                       lambda batch, sharding: converted.append(1) or to_global(batch, sharding))
   mesh = jax.make_mesh((jax.device_count(),), ('data',))
-  batches = pipeline.global_batches(ds, NamedSharding(mesh, P('data')), device_prefetch)
+  batches = pipeline.global_batches(ds.as_numpy_iterator(), NamedSharding(mesh, P('data')),
+                                    device_prefetch)
   seen = []
   for batch in batches:
     # Conversions run ahead of what was consumed, up to the end of the data.

@@ -319,3 +319,25 @@ def test_full_disk_of_a_real_run_is_one_line_and_resumes_after(tmp_path, data_di
     assert 'Resumed from' in resumed.stderr and 'at step 10' in resumed.stderr
   finally:
     subprocess.run(['umount', str(small)], check=False)
+
+
+def test_damaged_dataset_file_is_one_line_naming_it_and_the_rebuild(tmp_path):
+  """A truncated train shard: one line with the file and how to rebuild; doing what it
+  says trains again."""
+  from cmtdp_jax.data import pipeline  # pylint: disable=import-outside-toplevel
+  config = tiny_config(data_dir=str(tmp_path / 'tfds'))
+  builder = pipeline.open_split(config.data, 'train', config.tasks).builder
+  (shard,) = builder.info.splits['train'].filepaths
+  os.truncate(shard, os.path.getsize(shard) // 2)
+  flags = ('--config.num_steps=2',)
+  damaged = run_main(str(tmp_path / 'run'), *flags, data_dir=str(tmp_path / 'tfds'),
+                     check=False)
+  assert damaged.returncode == 1
+  errors = [line for line in damaged.stderr.splitlines() if line.startswith('error:')]
+  assert len(errors) == 1, damaged.stderr[-3000:]
+  assert re.fullmatch(rf'error: {re.escape(str(shard))} is damaged \(truncated record at \d+: '
+                      rf'.*\): delete {re.escape(str(builder.data_dir))} and run the same '
+                      r'command again, which generates it anew', errors[0]), errors
+  assert 'Traceback' not in damaged.stderr
+  shutil.rmtree(builder.data_dir)
+  run_main(str(tmp_path / 'run'), *flags, data_dir=str(tmp_path / 'tfds'))

@@ -22,6 +22,10 @@ class DatasetSpec:
   tasks: tuple[str, ...]
   num_classes: dict[str, int]
   builder_module: str
+  # How a user rebuilds the prepared files after deleting them (a damaged file's error
+  # line says it): the synthetic world is generated again by the same run.
+  rebuild: str = ('run python -m cmtdp_jax.data.prepare --dataset {name} --src <its folder> '
+                  'with the same --data_dir')
   train_split: str = 'train'
   eval_split: str = 'validation'
 
@@ -32,7 +36,8 @@ class DatasetSpec:
 
 DATASETS = {
     'synthetic': DatasetSpec('synthetic', ALL_TASKS, dict(synthetic_world.NUM_CLASSES),
-                             'cmtdp_jax.data.synthetic'),
+                             'cmtdp_jax.data.synthetic',
+                             rebuild='run the same command again, which generates it anew'),
     'nyud': DatasetSpec('nyud', ('semseg', 'depth', 'normals', 'edge'), {'semseg': 40},
                         'cmtdp_jax.data.nyud'),
     'pascal_context': DatasetSpec('pascal_context',

@@ -28,10 +28,15 @@ tf.config.set_visible_devices([], 'GPU')
 _MAX_EPOCHS = 1 << 30
 
 
+class DamagedDatasetError(ValueError):
+  """A prepared dataset file that cannot be read back (truncated, corrupted)."""
+
+
 @dataclasses.dataclass(frozen=True)
 class Source:
   """A prepared dataset split as this process sees it."""
   builder: tfds.core.DatasetBuilder
+  dataset: str  # its name in the registry (`data.DATASETS`)
   tasks: tuple[str, ...]
   split: str
   num_examples: int  # over all processes
@@ -63,7 +68,8 @@ def open_split(data_config, split: str, task_names) -> Source:
   if split not in builder.info.splits:
     raise ValueError(f"dataset '{spec.name}' has no split '{split}' "
                      f"(it has {', '.join(builder.info.splits)})")
-  return Source(builder, tuple(task_names), split, builder.info.splits[split].num_examples)
+  return Source(builder, spec.name, tuple(task_names), split,
+                builder.info.splits[split].num_examples)
 
 
 def open_eval_split(config) -> Source:
@@ -277,14 +283,49 @@ def to_global(batch: dict[str, np.ndarray], sharding) -> dict[str, jax.Array]:
   return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), batch)
 
 
-def global_batches(ds: tf.data.Dataset, sharding, device_prefetch: int = 2):
-  """Global arrays of `ds`'s host-local batches, `device_prefetch` batches ahead.
+def numpy_batches(ds: tf.data.Dataset, source: Source):
+  """`ds`'s elements as numpy; a damaged file of `source` stops it with one line
+  (`DamagedDatasetError`) naming the file and how to rebuild the dataset."""
+  iterator = ds.as_numpy_iterator()
+  while True:
+    try:
+      batch = next(iterator)
+    except StopIteration:
+      return
+    except tf.errors.DataLossError as e:
+      raise DamagedDatasetError(_describe_damage(source, e)) from None
+    yield batch
+
+
+def _describe_damage(source: Source, error: tf.errors.DataLossError) -> str:
+  """Reads the split's files one by one (only after a failed read) to name the damaged one."""
+  builder, spec = source.builder, data_lib.get_dataset_spec(source.dataset)
+  for path in builder.info.splits[source.split].filepaths:
+    try:
+      for _ in tf.data.TFRecordDataset(str(path)):
+        pass
+    except tf.errors.DataLossError as damage:
+      reason = _tf_reason(damage)
+      break
+  else:
+    path, reason = f'a file of {builder.data_dir}', _tf_reason(error)
+  rebuild = spec.rebuild.format(name=spec.name)
+  return f'{path} is damaged ({reason}): delete {builder.data_dir} and {rebuild}'
+
+
+def _tf_reason(error: tf.errors.OpError) -> str:
+  """TensorFlow's message without its op and function names."""
+  return error.message.split('}} ')[-1].split(' [Op:')[0].replace("' failed with", ':').strip()
+
+
+def global_batches(batches, sharding, device_prefetch: int = 2):
+  """Global arrays of the host-local numpy `batches`, `device_prefetch` batches ahead.
 
   Transfers are asynchronous: while the train step runs on one batch, the next
   ones are already being copied to the devices (Flax's `prefetch_to_device`).
   """
   ready = collections.deque()
-  for batch in ds.as_numpy_iterator():
+  for batch in batches:
     ready.append(to_global(batch, sharding))
     if len(ready) > device_prefetch:
       yield ready.popleft()
