@@ -248,7 +248,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
           # Once per run, so the first line comes now rather than `log_every` steps later.
           first = jax.device_get(metrics)
           _log_first_step(step, config.num_steps, first, time.time() - last_log, call_seconds)
-          # The exact first losses, to tell runs' numerics apart (tools/ablation.py).
+          # The exact first losses, to tell runs' numerics apart (the study tool, cmtdp_jax/studies/tool/numerics.py).
           _write_scalars(writer, step, {k: v for k, v in first.items() if k.startswith('loss/')},
                          'first_step')
           last_log, last_log_step = time.time(), step  # the rates leave the compile out

@@ -11,7 +11,10 @@ import pytest
 from scipy import stats
 
 from cmtdp_jax import config_lib
-from cmtdp_jax.tools import ablation
+from cmtdp_jax.studies.tool import design
+from cmtdp_jax.studies.tool import numerics
+from cmtdp_jax.studies.tool import running
+from cmtdp_jax.studies.tool import summarize
 
 TASKS = ('semseg', 'depth')
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -40,7 +43,7 @@ FINGERPRINT = {'key': 'aaaaaaaaaaaa', 'jax': 'test', 'cpu': 'test', 'devices': 1
 @pytest.fixture(autouse=True)
 def fixed_numerics(monkeypatch):
   """The probe compiles the real step; these tests fake training, so they fake it too."""
-  monkeypatch.setattr(ablation, 'numerics_fingerprint', lambda config: dict(FINGERPRINT))
+  monkeypatch.setattr(numerics, 'numerics_fingerprint', lambda config: dict(FINGERPRINT))
 
 
 @pytest.fixture
@@ -55,12 +58,12 @@ def config():
 def test_study_runs_the_grid_then_extras_at_the_best_weight_and_resumes(tmp_path, monkeypatch,
                                                                           config):
   calls = []
-  monkeypatch.setattr(ablation.train, 'train_and_evaluate', _fake_training(calls))
-  monkeypatch.setattr(ablation, 'regularizer_share', lambda workdir: 0.5)
+  monkeypatch.setattr(running.train, 'train_and_evaluate', _fake_training(calls))
+  monkeypatch.setattr(numerics, 'regularizer_share', lambda workdir: 0.5)
   results = tmp_path / 'results'
   args = (config, str(tmp_path / 'work'), str(results), [0.0, 1.0, 3.0], [20, 50], [0, 1, 2],
           ['hard', 'continuous_sources'], [], False)
-  summary = ablation.run_study(*args)
+  summary = running.run_study(*args)
   assert len(calls) == 3 * 2 * 3 + 2 * 3
   assert calls[:6] == [(20, 0.0, 'random', 'uniform', 0), (20, 1.0, 'random', 'uniform', 0),
                        (20, 3.0, 'random', 'uniform', 0), (50, 0.0, 'random', 'uniform', 0),
@@ -80,15 +83,15 @@ def test_study_runs_the_grid_then_extras_at_the_best_weight_and_resumes(tmp_path
   assert (results / 'study.md').read_text().count('\n| n') == 8
   assert (results / 'delta_m.png').stat().st_size > 0
   calls.clear()
-  assert ablation.run_study(*args)['cells'] == summary['cells']
+  assert running.run_study(*args)['cells'] == summary['cells']
   assert calls == []  # every result file was there
   for path in results.glob('*/n50_w*_seed2.json'):
     path.unlink()
-  partial = ablation.run_study(*args, train_missing=False)
+  partial = running.run_study(*args, train_missing=False)
   assert calls == [] and partial['cells']['n50_w3']['seeds'] == [0, 1]
   for path in results.glob('*/n50_w3_seed1.json'):
     path.unlink()
-  one_seed = ablation.run_study(*args, train_missing=False)['cells']['n50_w3']
+  one_seed = running.run_study(*args, train_missing=False)['cells']['n50_w3']
   assert one_seed['metrics']['semseg/mIoU'] == (pytest.approx(40.0 * 1.03), None)
   assert '| n50_w3 | 1 | 41.200 | 0.971 |' in (results / 'study.md').read_text()
   assert 'so far: 3.0; 18 of 24 planned runs finished' in (results / 'study.md').read_text()
@@ -98,7 +101,7 @@ def test_paired_interval_is_the_t_interval_of_per_seed_differences():
   reference = [{'seed': s, 'metrics': {'semseg/mIoU': 40.0 + s}} for s in range(4)]
   runs = [{'seed': s, 'metrics': {'semseg/mIoU': 40.0 + s + d}}
           for s, d in zip(range(4), [0.4, 0.0, 0.8, 0.4])]
-  out = ablation.paired_delta_m(runs, reference, ('semseg',))
+  out = summarize.paired_delta_m(runs, reference, ('semseg',))
   deltas = np.array([0.4 / 40, 0.0, 0.8 / 42, 0.4 / 43]) * 100
   half = stats.t.ppf(0.975, 3) * deltas.std(ddof=1) / 2
   assert out['n'] == 4
@@ -115,9 +118,9 @@ def test_more_seeds_go_to_cells_within_two_standard_errors(tmp_path, monkeypatch
     out['semseg/mIoU'] += [0.0, 0.9, -0.9, 0.1, 0.3][config.seed] * config.contrastive.enable
     return out
 
-  monkeypatch.setattr(ablation.train, 'train_and_evaluate', noisy)
-  monkeypatch.setattr(ablation, 'regularizer_share', lambda workdir: None)
-  ablation.run_study(config, str(tmp_path / 'w'), str(tmp_path / 'r'), [0.0, 0.1, 0.2], [10],
+  monkeypatch.setattr(running.train, 'train_and_evaluate', noisy)
+  monkeypatch.setattr(numerics, 'regularizer_share', lambda workdir: None)
+  running.run_study(config, str(tmp_path / 'w'), str(tmp_path / 'r'), [0.0, 0.1, 0.2], [10],
                      [0, 1, 2], [], [3, 4], False)
   # Seed by seed, so that a study stopped among the extra seeds leaves the cells even.
   assert [(c[1], c[-1]) for c in calls] == [(w, s) for s in range(5) for w in (0.0, 0.1, 0.2)]
@@ -137,9 +140,9 @@ def test_extras_stay_at_the_best_weight_of_the_design_seeds_and_get_more_seeds(
                            if config.seed < 3 else -20 * weight)
     return out
 
-  monkeypatch.setattr(ablation.train, 'train_and_evaluate', noisy)
-  monkeypatch.setattr(ablation, 'regularizer_share', lambda workdir: None)
-  summary = ablation.run_study(config, str(tmp_path / 'w'), str(tmp_path / 'r'),
+  monkeypatch.setattr(running.train, 'train_and_evaluate', noisy)
+  monkeypatch.setattr(numerics, 'regularizer_share', lambda workdir: None)
+  summary = running.run_study(config, str(tmp_path / 'w'), str(tmp_path / 'r'),
                                [0.0, 0.1, 0.2], [10], [0, 1, 2], ['hard'], [3], False)
   assert summary['best_weight'] == 0.2
   assert max(summary['cells'].values(), key=lambda s: (s['delta_m'] or {}).get('mean') or -1e9
@@ -154,8 +157,8 @@ def test_extras_stay_at_the_best_weight_of_the_design_seeds_and_get_more_seeds(
 
 def test_source_pairs_split_by_label_kind():
   tasks = ('semseg', 'depth', 'normals', 'edge')
-  continuous = ablation.source_pairs(tasks, True)
-  categorical = ablation.source_pairs(tasks, False)
+  continuous = design.source_pairs(tasks, True)
+  categorical = design.source_pairs(tasks, False)
   assert {s for _, s in continuous} == {'depth', 'normals'}
   assert {s for _, s in categorical} == {'semseg', 'edge'}
   assert ('depth', 'depth') not in continuous and len(continuous) + len(categorical) == 12
@@ -168,10 +171,10 @@ def test_regularizer_share_reads_the_train_scalars(tmp_path):
     writer.scalar('train/loss/contrastive', reg, step)
     writer.scalar('train/loss/total', total, step)
   writer.close()
-  assert ablation.regularizer_share(str(tmp_path)) == pytest.approx(0.05)
-  assert ablation.regularizer_share(str(tmp_path / 'none')) is None
-  assert ablation.first_step_losses(str(tmp_path)) == {
-      'loss/contrastive': ablation.float32_hex(0.4), 'loss/total': ablation.float32_hex(8.0)}
+  assert numerics.regularizer_share(str(tmp_path)) == pytest.approx(0.05)
+  assert numerics.regularizer_share(str(tmp_path / 'none')) is None
+  assert numerics.first_step_losses(str(tmp_path)) == {
+      'loss/contrastive': numerics.float32_hex(0.4), 'loss/total': numerics.float32_hex(8.0)}
 
 
 def test_first_step_losses_are_the_exact_bits_train_logs(tmp_path):
@@ -182,14 +185,14 @@ def test_first_step_losses_are_the_exact_bits_train_logs(tmp_path):
   train._write_scalars(writer, 1, {'loss/semseg': loss}, 'first_step')  # pylint: disable=protected-access
   train._write_scalars(writer, 100, {'loss/semseg': np.float32(0.5)}, 'train')  # pylint: disable=protected-access
   writer.close()
-  assert ablation.first_step_losses(str(tmp_path)) == {'loss/semseg': '3f800001'}
+  assert numerics.first_step_losses(str(tmp_path)) == {'loss/semseg': '3f800001'}
 
 
 def test_a_preempted_run_is_not_recorded(tmp_path, monkeypatch, config):
   """train_and_evaluate returns early on SIGTERM (a checkpoint, no final eval file)."""
-  monkeypatch.setattr(ablation.train, 'train_and_evaluate', lambda config, workdir: {})
-  with pytest.raises(ablation.Interrupted, match='n10_w0_seed0 stopped before step 7'):
-    ablation.run_study(config, str(tmp_path / 'w'), str(tmp_path / 'r'), [0.0], [10], [0], [],
+  monkeypatch.setattr(running.train, 'train_and_evaluate', lambda config, workdir: {})
+  with pytest.raises(running.Interrupted, match='n10_w0_seed0 stopped before step 7'):
+    running.run_study(config, str(tmp_path / 'w'), str(tmp_path / 'r'), [0.0], [10], [0], [],
                        [], False)
   assert not (tmp_path / 'r').exists()
 
@@ -197,12 +200,12 @@ def test_a_preempted_run_is_not_recorded(tmp_path, monkeypatch, config):
 def test_importing_the_tool_defines_no_flags():
   """benchmark.py and the CLI define --config too; the tool's flags exist only when it runs."""
   from absl import flags  # pylint: disable=import-outside-toplevel
-  from cmtdp_jax import benchmark  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
+  from cmtdp_jax.benchmarks import benchmark  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
   assert 'summarize_only' not in flags.FLAGS
 
 
 def _use_numerics(monkeypatch, key):
-  monkeypatch.setattr(ablation, 'numerics_fingerprint', lambda config: dict(FINGERPRINT, key=key))
+  monkeypatch.setattr(numerics, 'numerics_fingerprint', lambda config: dict(FINGERPRINT, key=key))
 
 
 def test_runs_of_other_numerics_are_not_paired_and_the_reference_is_rerun(tmp_path, monkeypatch,
@@ -218,15 +221,15 @@ def test_runs_of_other_numerics_are_not_paired_and_the_reference_is_rerun(tmp_pa
     out['semseg/mIoU'] += shift[os.path.basename(os.path.dirname(workdir))]
     return out
 
-  monkeypatch.setattr(ablation.train, 'train_and_evaluate', training)
-  monkeypatch.setattr(ablation, 'regularizer_share', lambda workdir: None)
+  monkeypatch.setattr(running.train, 'train_and_evaluate', training)
+  monkeypatch.setattr(numerics, 'regularizer_share', lambda workdir: None)
   results = tmp_path / 'r'
   args = (config, str(tmp_path / 'w'), str(results), [0.0, 1.0], [10], [0, 1], [], [], False)
-  ablation.run_study(*args)
+  running.run_study(*args)
   (results / 'aaaaaaaaaaaa' / 'n10_w1_seed1.json').unlink()  # stopped before seed 1's lambda 1
   _use_numerics(monkeypatch, 'bbbbbbbbbbbb')
   calls.clear()
-  summary = ablation.run_study(*args)
+  summary = running.run_study(*args)
   assert [(c[1], c[-1]) for c in calls] == [(0.0, 1), (1.0, 1)]
   assert (results / 'aaaaaaaaaaaa' / 'n10_w0_seed1.json').exists()  # both kept
   assert json.loads((results / 'bbbbbbbbbbbb' / 'n10_w0_seed1.json').read_text())[
@@ -239,10 +242,10 @@ def test_runs_of_other_numerics_are_not_paired_and_the_reference_is_rerun(tmp_pa
   assert delta['mean'] == pytest.approx(np.mean(per_seed), rel=1e-9)
   assert delta['se'] == pytest.approx(np.std(per_seed, ddof=1) / np.sqrt(2), rel=1e-9)
   calls.clear()
-  assert ablation.run_study(*args)['cells'] == summary['cells'] and calls == []
+  assert running.run_study(*args)['cells'] == summary['cells'] and calls == []
   # A treatment whose only reference has other numerics is dropped, and said so.
   (results / 'bbbbbbbbbbbb' / 'n10_w0_seed1.json').unlink()
-  partial = ablation.run_study(*args, train_missing=False)['cells']['n10_w1']['delta_m']
+  partial = running.run_study(*args, train_missing=False)['cells']['n10_w1']['delta_m']
   assert partial['n'] == 1
   assert partial['dropped'] == ['seed 1: numerics bbbbbbbbbbbb vs reference aaaaaaaaaaaa']
   assert ('- n10_w1 seed 1: numerics bbbbbbbbbbbb vs reference aaaaaaaaaaaa'
@@ -254,14 +257,14 @@ def test_records_without_fingerprint_pair_within_their_numerics_era(tmp_path, mo
   if subprocess.run(['git', 'cat-file', '-e', '5da98ea^{commit}'], cwd=ROOT,
                     capture_output=True, check=False).returncode:
     pytest.skip('needs the repository history (git clone without --depth)')
-  assert ablation.numerics_era('78031b1') == 'before 5da98ea'
-  assert ablation.numerics_era('655180b') == 'since 5da98ea'
-  assert ablation.numerics_era('0000000') == 'commit 0000000'
-  monkeypatch.setattr(ablation, 'numerics_fingerprint', None)  # nothing may train
+  assert numerics.numerics_era('78031b1') == 'before 5da98ea'
+  assert numerics.numerics_era('655180b') == 'since 5da98ea'
+  assert numerics.numerics_era('0000000') == 'commit 0000000'
+  monkeypatch.setattr(numerics, 'numerics_fingerprint', None)  # nothing may train
   config.tasks = ('semseg', 'depth', 'normals', 'edge', 'sal', 'human_parts')
   config.num_steps = 1000
-  summary = ablation.run_study(config, str(tmp_path / 'w'),
-                               os.path.join(ROOT, 'docs', 'regularizer_study'),
+  summary = running.run_study(config, str(tmp_path / 'w'),
+                               os.path.join(ROOT, 'cmtdp_jax', 'studies', 'regularizer', 'results'),
                                [0.0, 0.3, 1.0, 3.0], [200, 1000], [0, 1, 2],
                                ['hard', 'categorical_sources', 'continuous_sources'], [3], False,
                                train_missing=False)
@@ -274,20 +277,20 @@ def test_records_without_fingerprint_pair_within_their_numerics_era(tmp_path, mo
 
 
 def test_regimes_name_and_configure_their_cells(config):
-  assert ablation.cell_name(1000, 3.0) == 'n1000_w3'
-  assert ablation.cell_name(1000, 3.0, regime='one_label') == 'n1000_one_label_w3'
-  assert ablation.cell_name(500, 0.0, regime='random0.5') == 'n500_random0.5_w0'
-  assert ablation.cell_name(500, 1.0, pilot=True) == 'pilot_n500_w1'
-  one = ablation.cell_config(config, 50, 3.0, '', 2, 'one_label')
+  assert design.cell_name(1000, 3.0) == 'n1000_w3'
+  assert design.cell_name(1000, 3.0, regime='one_label') == 'n1000_one_label_w3'
+  assert design.cell_name(500, 0.0, regime='random0.5') == 'n500_random0.5_w0'
+  assert design.cell_name(500, 1.0, pilot=True) == 'pilot_n500_w1'
+  one = design.cell_config(config, 50, 3.0, '', 2, 'one_label')
   assert (one.data.partial_labels, one.seed, one.contrastive.weight) == ('one_label', 2, 3.0)
-  random = ablation.cell_config(config, 50, 0.0, '', 0, 'random0.5', num_steps=11)
+  random = design.cell_config(config, 50, 0.0, '', 0, 'random0.5', num_steps=11)
   assert (random.data.partial_labels, random.data.label_fraction) == ('random', 0.5)
   assert not random.contrastive.enable and random.num_steps == 11
   # The kept labels are drawn per seed, the same for both lambdas of a pair.
-  assert ablation.cell_config(config, 50, 3.0, '', 3, 'random0.5').data.partial_labels_seed == 3
-  assert not ablation.cell_config(config, 50, 1.0, '', 0).data.get('partial_labels')
+  assert design.cell_config(config, 50, 3.0, '', 3, 'random0.5').data.partial_labels_seed == 3
+  assert not design.cell_config(config, 50, 1.0, '', 0).data.get('partial_labels')
   with pytest.raises(ValueError, match="--regimes: unknown regime 'random2'"):
-    ablation.regime_labels('random2')
+    design.regime_labels('random2')
 
 
 def test_pilot_picks_the_weight_and_partial_regimes_get_the_label_split(tmp_path, monkeypatch,
@@ -307,12 +310,12 @@ def test_pilot_picks_the_weight_and_partial_regimes_get_the_label_split(tmp_path
     return {'semseg/mIoU@kept': 50.0 + config.seed, 'semseg/mIoU@dropped': 30.0 + 2 * weight,
             'depth/rmse@kept': 1.0, 'depth/rmse@dropped': 2.0 - 0.1 * weight}
 
-  monkeypatch.setattr(ablation.train, 'train_and_evaluate', training)
-  monkeypatch.setattr(ablation, 'regularizer_share', lambda workdir: None)
-  monkeypatch.setattr(ablation, 'split_by_label', split)
+  monkeypatch.setattr(running.train, 'train_and_evaluate', training)
+  monkeypatch.setattr(numerics, 'regularizer_share', lambda workdir: None)
+  monkeypatch.setattr(running, 'split_by_label', split)
   mapping = {'00000': ('semseg',), '00001': ('depth',)}
-  monkeypatch.setattr(ablation.label_mapping, 'load', lambda run_dir: mapping)
-  summary = ablation.run_study(config, str(tmp_path / 'w'), str(tmp_path / 'r'),
+  monkeypatch.setattr(running.label_mapping, 'load', lambda run_dir: mapping)
+  summary = running.run_study(config, str(tmp_path / 'w'), str(tmp_path / 'r'),
                                [0.0, 'pilot'], [10], [0, 1], [], [], False,
                                regimes=['full', 'one_label'], pilot_weights=[1.0, 3.0],
                                pilot_seeds=[4], pilot_steps=3)
@@ -331,7 +334,7 @@ def test_pilot_picks_the_weight_and_partial_regimes_get_the_label_split(tmp_path
   assert cell['split']['semseg/mIoU@kept']['mean'] == pytest.approx(50.5)
   assert summary['cells']['n10_w3']['split'] is None
   record = json.loads((tmp_path / 'r' / 'aaaaaaaaaaaa' / 'n10_one_label_w0_seed1.json').read_text())
-  assert record['label_mapping_sha256'] == ablation.label_mapping.sha256(mapping)
+  assert record['label_mapping_sha256'] == running.label_mapping.sha256(mapping)
   text = (tmp_path / 'r' / 'study.md').read_text()
   assert '| n10_one_label_w3 | semseg/mIoU | 50.500 ± 0.707 | 36.000 ± 0.000 | +0.00 [+0.00, +0.00] |' \
          ' +6.00 [+6.00, +6.00] |' in text
@@ -346,7 +349,7 @@ def test_split_metrics_score_each_task_on_kept_and_dropped_images(config):
   from cmtdp_jax.evaluation import scoring  # pylint: disable=import-outside-toplevel
   config.tasks = ('semseg', 'depth')
   mapping = {'a': ['semseg', 'depth'], 'b': ['semseg'], 'c': ['depth']}
-  metrics = ablation.split_metrics(config, mapping)
+  metrics = running.split_metrics(config, mapping)
   assert sorted(metrics) == ['depth@dropped', 'depth@kept', 'semseg@dropped', 'semseg@kept']
   labels = np.zeros((3, 4, 4), np.int32)
   labels[:, :2] = 1
@@ -371,11 +374,11 @@ def test_a_partial_label_run_records_its_kept_and_dropped_split(tmp_path, data_d
   from tests.conftest import tiny_config  # pylint: disable=import-outside-toplevel
   config = tiny_config(data_dir, **{'tasks': ('semseg', 'depth'), 'num_steps': 2,
                                     'eval_batch_size': 16})
-  record = ablation.train_run(config, str(tmp_path / 'w'), str(tmp_path / 'r'),
-                              ablation.Cell(32, 1.0, regime='one_label'), 0, dict(FINGERPRINT))
-  mapping = ablation.label_mapping.load(str(tmp_path / 'w' / FINGERPRINT['key'] /
+  record = running.train_run(config, str(tmp_path / 'w'), str(tmp_path / 'r'),
+                              design.Cell(32, 1.0, regime='one_label'), 0, dict(FINGERPRINT))
+  mapping = running.label_mapping.load(str(tmp_path / 'w' / FINGERPRINT['key'] /
                                             'n32_one_label_w1_seed0'))
-  assert record['label_mapping_sha256'] == ablation.label_mapping.sha256(mapping)
+  assert record['label_mapping_sha256'] == running.label_mapping.sha256(mapping)
   kept = sum('semseg' in tasks for tasks in mapping.values())
   assert kept == 16  # one_label over two tasks
   split = record['split_metrics']
@@ -387,11 +390,11 @@ def test_a_partial_label_run_records_its_kept_and_dropped_split(tmp_path, data_d
 
 
 def test_readme_section_is_the_summary(tmp_path, monkeypatch, config):
-  monkeypatch.setattr(ablation.train, 'train_and_evaluate', _fake_training([]))
-  monkeypatch.setattr(ablation, 'regularizer_share', lambda workdir: None)
+  monkeypatch.setattr(running.train, 'train_and_evaluate', _fake_training([]))
+  monkeypatch.setattr(numerics, 'regularizer_share', lambda workdir: None)
   readme = tmp_path / 'README.md'
   readme.write_text('# x\n<!-- study table -->\nold\n<!-- /study table -->\nafter\n')
-  ablation.run_study(config, str(tmp_path / 'w'), str(tmp_path / 'docs' / 'r'), [0.0, 1.0], [10],
+  running.run_study(config, str(tmp_path / 'w'), str(tmp_path / 'docs' / 'r'), [0.0, 1.0], [10],
                      [0], [], [], False, readme=str(readme))
   text = readme.read_text()
   summary = (tmp_path / 'docs' / 'r' / 'study.md').read_text()
@@ -399,7 +402,7 @@ def test_readme_section_is_the_summary(tmp_path, monkeypatch, config):
                   '\n![delta_m against lambda](docs/r/delta_m.png)\n<!-- /study table -->\nafter\n')
   readme.write_text('no markers')
   with pytest.raises(ValueError, match='--readme .*README.md: needs one'):
-    ablation.run_study(config, str(tmp_path / 'w'), str(tmp_path / 'docs' / 'r'), [0.0], [10],
+    running.run_study(config, str(tmp_path / 'w'), str(tmp_path / 'docs' / 'r'), [0.0], [10],
                        [0], [], [], False, readme=str(readme))
 
 
@@ -413,9 +416,9 @@ def test_fingerprint_sees_a_change_of_the_update_that_leaves_the_losses_alone(mo
   config.data.image_size = config.data.crop_size = (32, 32)
   config.model.backbone_kwargs.width = 4
   config.model.head_channels = 8
-  first = ablation.numerics_fingerprint(config, probe_steps=1)
-  assert first['key'] == ablation.fingerprint_hash(first) and len(first['key']) == 12
-  assert first['cpu'] == ablation.cpu_model() and first['devices'] >= 1
+  first = numerics.numerics_fingerprint(config, probe_steps=1)
+  assert first['key'] == numerics.fingerprint_hash(first) and len(first['key']) == 12
+  assert first['cpu'] == numerics.cpu_model() and first['devices'] >= 1
   assert set(first['probe']['on']['losses'][0]) == {
       'grad_norm', 'loss/semseg', 'loss/depth', 'loss/contrastive', 'loss/total'}
   original = steps.compute_losses
@@ -425,7 +428,7 @@ def test_fingerprint_sees_a_change_of_the_update_that_leaves_the_losses_alone(mo
     return total * (1.0 + 2.0 ** -10), aux  # the gradient, not the logged losses
 
   monkeypatch.setattr(steps, 'compute_losses', rescaled)
-  changed = ablation.numerics_fingerprint(config, probe_steps=1)
+  changed = numerics.numerics_fingerprint(config, probe_steps=1)
   assert changed['key'] != first['key']
   for part in ('off', 'on', 'partial'):
     assert changed['probe'][part]['losses'][0]['loss/total'] == (
@@ -438,37 +441,41 @@ def test_fingerprint_sees_a_change_of_the_update_that_leaves_the_losses_alone(mo
     return total * (1.0 + 2.0 ** -10 * ('labelled' in batch)), aux
 
   monkeypatch.setattr(steps, 'compute_losses', rescaled_if_partial)
-  partial_only = ablation.numerics_fingerprint(config, probe_steps=1)
+  partial_only = numerics.numerics_fingerprint(config, probe_steps=1)
   assert partial_only['probe']['on'] == first['probe']['on']
   assert partial_only['probe']['partial'] != first['probe']['partial']
   assert partial_only['key'] != first['key']
 
 
-@pytest.mark.parametrize('config_module,results,regimes,weights,pilot,marker', [
-    ('synthetic_partial_study', 'results', ('full', 'one_label', 'random0.5'), [0.0, 'pilot'],
-     True, 'partial label study table'),
-    ('synthetic', 'results_64', ('full',), [0.0, 1.0], False, 'partial label study 64x64 table'),
+STUDY = os.path.join('cmtdp_jax', 'studies', 'partial_labels')
+
+
+@pytest.mark.parametrize('config_file,results,regimes,weights,pilot,marker', [
+    (os.path.join(STUDY, 'config.py'), 'results', ('full', 'one_label', 'random0.5'),
+     [0.0, 'pilot'], True, 'partial label study table'),
+    ('configs/synthetic.py', 'results_64', ('full',), [0.0, 1.0], False,
+     'partial label study 64x64 table'),
 ])
 def test_committed_partial_label_tables_are_the_tools_output(tmp_path, monkeypatch,
-                                                              config_module, results, regimes,
+                                                              config_file, results, regimes,
                                                               weights, pilot, marker):
-  """The README's study tables are what the tool writes from the committed records, with
+  """The study README's tables are what the tool writes from the committed records, with
   DESIGN.md's arguments (nothing edited by hand, nothing trained: every record is there)."""
-  import importlib  # pylint: disable=import-outside-toplevel
   import shutil  # pylint: disable=import-outside-toplevel
-  folder = os.path.join('docs', 'partial_label_study', results)
+  folder = os.path.join(STUDY, results)
   shutil.copytree(os.path.join(ROOT, folder), tmp_path / folder)
-  shutil.copy(os.path.join(ROOT, 'README.md'), tmp_path / 'README.md')
-  monkeypatch.setattr(ablation, 'train_run', lambda *args: pytest.fail('trained a run'))
-  config = importlib.import_module(f'configs.{config_module}').get_config()
+  shutil.copy(os.path.join(ROOT, STUDY, 'README.md'), tmp_path / STUDY / 'README.md')
+  monkeypatch.setattr(running, 'train_run', lambda *args: pytest.fail('trained a run'))
+  config = config_lib.load_config_file(os.path.join(ROOT, config_file))
   config.num_steps = 1000
   pilot_args = ({'pilot_weights': [1.0, 3.0], 'pilot_seeds': [100, 101], 'pilot_steps': 500}
                 if pilot else {})
-  ablation.run_study(config, str(tmp_path / 'work'), str(tmp_path / folder), weights, [1000],
+  running.run_study(config, str(tmp_path / 'work'), str(tmp_path / folder), weights, [1000],
                      [0, 1, 2, 3], [], [], analyze=False, train_missing=False, regimes=regimes,
-                     readme=str(tmp_path / 'README.md'), readme_marker=marker, **pilot_args)
+                     readme=str(tmp_path / STUDY / 'README.md'), readme_marker=marker,
+                     **pilot_args)
   section = lambda text: text.split(f'<!-- {marker} -->')[1].split(f'<!-- /{marker} -->')[0]
-  with open(os.path.join(ROOT, 'README.md')) as f:
+  with open(os.path.join(ROOT, STUDY, 'README.md')) as f:
     committed = section(f.read())
   assert 'n1000_w1' in committed
-  assert section((tmp_path / 'README.md').read_text()) == committed
+  assert section((tmp_path / STUDY / 'README.md').read_text()) == committed

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from cmtdp_jax import benchmark
+from cmtdp_jax.benchmarks import benchmark
 from cmtdp_jax.models import backbones, convert, layers
 from cmtdp_jax.tools import convert_weights
 

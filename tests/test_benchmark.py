@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cmtdp_jax import benchmark
+from cmtdp_jax.benchmarks import benchmark
 from cmtdp_jax import data as data_lib
 from cmtdp_jax import models
 from cmtdp_jax import steps
@@ -23,7 +23,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def test_cli_compiles_each_step_once_and_writes_json(tmp_path):
   out = tmp_path / 'bench.json'
-  cmd = [sys.executable, '-m', 'cmtdp_jax.benchmark', '--config=configs/synthetic.py:smoke',
+  cmd = [sys.executable, '-m', 'cmtdp_jax.benchmarks.benchmark', '--config=configs/synthetic.py:smoke',
          '--steps=3', '--warmup=1', f'--json={out}', "--config.tasks=('semseg','edge')",
          '--config.data.crop_size=(32,32)',
          '--nopipeline', '--eval_images=2', '--edge_workers=1', '--compare_torch',
@@ -58,6 +58,11 @@ def test_cli_compiles_each_step_once_and_writes_json(tmp_path):
   assert overhead['flops_share'] == pytest.approx(1 - 1 / overhead['flops_ratio'])
   assert 0 < overhead['flops_share'] < 1
   assert results['mfu'] is None  # CPU: no peak, achieved FLOP/s instead
+  from cmtdp_jax.benchmarks import gpu_table  # pylint: disable=import-outside-toplevel
+  cells = gpu_table.row(results).strip('| ').split(' | ')
+  assert cells[1:3] == ['32x32 (8)', 'float32'] and cells[6] == '-'  # no MFU on CPU
+  assert float(cells[4]) == pytest.approx(
+      results['variants']['without_regularizer']['train']['step_time_s']['median'] * 1e3, abs=0.1)
   assert results['evaluation']['images_per_s_per_task']['edge'] > 0
   assert results['input_pipeline'] == {'skipped': 'off'}
   assert 'skipped' in results['torch']  # no PyTorch reference of the compact backbone
@@ -83,7 +88,7 @@ def test_no_tensorflow_outside_the_pipeline_part():
   modules = 'bench_boundary'
   if importlib.util.find_spec('torch'):  # bench_torch needs torch, CI has none
     modules += ', bench_torch'
-  code = ('import sys; from cmtdp_jax import benchmark, evaluation; '
+  code = ('import sys; from cmtdp_jax.benchmarks import benchmark, evaluation; '
           f'from cmtdp_jax.tools import {modules}; '
           "assert 'tensorflow' not in sys.modules")
   subprocess.run([sys.executable, '-c', code], cwd=ROOT, check=True, timeout=300)
@@ -105,7 +110,7 @@ def test_torch_reference_is_the_same_model(config_name, backbone, size):
   torch = pytest.importorskip('torch')
   if backbone.startswith('vit'):
     pytest.importorskip('timm')
-  from cmtdp_jax.tools import bench_torch  # pylint: disable=import-outside-toplevel
+  from cmtdp_jax.benchmarks import bench_torch  # pylint: disable=import-outside-toplevel
   config = importlib.import_module(f'configs.{config_name}').get_config()
   config.model.backbone = backbone
   config.batch_size, config.data.crop_size = 2, size

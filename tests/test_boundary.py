@@ -171,7 +171,7 @@ def test_threads_merge_and_repeated_runs_give_identical_counts():
 
 
 def test_bench_thread_scaling_gives_the_same_counts_as_one_image_at_a_time():
-  from cmtdp_jax.tools import bench_boundary  # pylint: disable=import-outside-toplevel
+  from cmtdp_jax.benchmarks import bench_boundary  # pylint: disable=import-outside-toplevel
   rng = np.random.default_rng(6)
   maps = [(boundary.quantize(np.clip(l + rng.uniform(0, 0.3, l.shape), 0, 1)), l)
           for l in (np.roll(_cross(), s, axis=0) for s in range(3))]

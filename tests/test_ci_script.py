@@ -54,7 +54,8 @@ def test_ci_run_keeps_a_named_virtualenv(tmp_path):
 
 
 def test_readme_gives_the_command_ci_runs():
-  """The quick start and the Tests section show exactly the test command of `.ci/run`."""
+  """The quick start and docs/tests.md show exactly the test command of `.ci/run`."""
   command = (ROOT / ".ci" / "run").read_text().strip().splitlines()[-1]
   assert command.startswith("JAX_NUM_CPU_DEVICES=8 python -m pytest tests")
-  assert (ROOT / "README.md").read_text().count(f"```bash\n{command}\n```") == 2
+  for page in ("README.md", "docs/tests.md"):
+    assert (ROOT / page).read_text().count(f"```bash\n{command}\n```") == 1, page

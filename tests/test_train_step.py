@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cmtdp_jax import benchmark, sharding, steps
+from cmtdp_jax.benchmarks import benchmark, sharding, steps
 from cmtdp_jax.data import synthetic_world
 from tests import same_training
 from tests.conftest import tiny_config

@@ -109,7 +109,7 @@ def edge_nms(prob_u8: np.ndarray, variant: str = 'seism') -> np.ndarray:
   Where the map is nearly flat the orientation comes from rounding noise, so
   the two variants keep different low pixels: on `bench_boundary`'s four
   photographs the SEISM variant gives odsF 0.11 points, oisF 4.8 and AP 10.3
-  points below pyEdgeEval's (BENCHMARKS.md; issue 16 measured 0.8 points of
+  points below pyEdgeEval's (cmtdp_jax/benchmarks/README.md; issue 16 measured 0.8 points of
   odsF on a NYUD-sized set, 0.2 on PASCAL-Context), not a rounding-level change.
   """
   _check_option(variant, NMS_VARIANTS, 'NMS variant')

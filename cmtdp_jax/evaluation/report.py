@@ -88,7 +88,7 @@ def delta_m(multi_task: Mapping[str, float], single_task: Mapping[str, float] | 
 def write_results(path: str, results: Mapping, **dump_options) -> None:
   """Writes `results` as JSON to `path` whole or not at all: a run killed while
   writing leaves the previous file (or none), never a truncated one that a reader
-  (this module, `tools/ablation`) would take for a finished evaluation."""
+  (this module, the study tool) would take for a finished evaluation."""
   partial = f'{path}.partial'
   try:
     with open(partial, 'w') as f:

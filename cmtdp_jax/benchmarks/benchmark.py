@@ -1,7 +1,7 @@
 """Throughput of training, inference, input pipeline and evaluation for a config.
 
-  python -m cmtdp_jax.benchmark --config configs/synthetic.py --steps 20 --json /tmp/b.json
-  python -m cmtdp_jax.benchmark --config configs/nyud_hrnet18_baseline.py \
+  python -m cmtdp_jax.benchmarks.benchmark --config configs/synthetic.py --steps 20 --json /tmp/b.json
+  python -m cmtdp_jax.benchmarks.benchmark --config configs/nyud_hrnet18_baseline.py \
       --config.model.dtype=bfloat16 --compare_torch
 
 Train and predict steps are the ones `train.py` runs (`steps.make_train_step`,
@@ -298,7 +298,7 @@ def benchmark_evaluation(config, num_images: int, edge_workers: int = 0) -> dict
   try:
     # pylint: disable=import-outside-toplevel
     from cmtdp_jax import evaluation
-    from cmtdp_jax.tools import bench_boundary
+    from cmtdp_jax.benchmarks import bench_boundary
   except ImportError as e:
     return {'skipped': f'evaluation dependencies missing: {e}'}
   height, width = config.data.eval_crop_size or config.data.crop_size
@@ -433,7 +433,7 @@ def _torch_train_step(config) -> dict:
   """The PyTorch reference's train step on the JAX benchmark's batch (`step`) and what
   it runs, or why there is none (`skipped`)."""
   try:
-    from cmtdp_jax.tools import bench_torch  # pylint: disable=import-outside-toplevel
+    from cmtdp_jax.benchmarks import bench_torch  # pylint: disable=import-outside-toplevel
   except ImportError as e:
     return {'skipped': f'PyTorch reference not importable ({e}); run from the repo root'}
   batch = synthetic_batch(config, config.batch_size, config.data.crop_size)

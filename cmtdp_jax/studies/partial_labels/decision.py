@@ -1,7 +1,7 @@
 """DESIGN.md's decision rule, applied to the tool's summaries (prints a Markdown table).
 
-  python docs/partial_label_study/decision.py docs/partial_label_study/results/study.json \
-      [docs/partial_label_study/results_64/study.json]
+  python cmtdp_jax/studies/partial_labels/decision.py cmtdp_jax/studies/partial_labels/results/study.json \
+      [cmtdp_jax/studies/partial_labels/results_64/study.json]
 
 Primary: delta_m of lambda vs lambda 0 in one_label, 95% t-interval. Secondary families, with
 Bonferroni: delta_m of random0.5, full and 64x64 full (3 comparisons); the paired differences on

@@ -1,6 +1,6 @@
 """How far PASCAL-Context's training edge label is from SEISM's ground truth.
 
-  python -m cmtdp_jax.tools.edge_ground_truth [--src PASCAL_MT --split val --images 200]
+  python -m cmtdp_jax.benchmarks.edge_ground_truth [--src PASCAL_MT --split val --images 200]
 
 The training label (`pascal_context.context_edges`: thinned non-zero Laplacian of the
 LabelMap, the peers' convention) and SEISM's ground truth (`pascal_context.seism_edges`:
@@ -21,7 +21,7 @@ from absl import app, flags
 from cmtdp_jax import evaluation
 from cmtdp_jax.data import folder_io
 from cmtdp_jax.data import pascal_context
-from cmtdp_jax.tools import bench_boundary
+from cmtdp_jax.benchmarks import bench_boundary
 
 FLAGS = flags.FLAGS
 

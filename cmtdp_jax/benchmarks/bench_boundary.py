@@ -1,6 +1,6 @@
 """Times and checks our boundary evaluation against pyEdgeEval's loop and the CSA matcher.
 
-  python -m cmtdp_jax.tools.bench_boundary --images 8 --size 480x640
+  python -m cmtdp_jax.benchmarks.bench_boundary --images 8 --size 480x640
 
 Maps: scikit-image's sample photographs resized to --size; ground truth is
 the thinned border of a Felzenszwalb segmentation of each photograph, the

@@ -1,7 +1,7 @@
 """The PyTorch train step of the same model and batch, for JAX / PyTorch throughput.
 
-  python -m cmtdp_jax.benchmark --config configs/nyud_hrnet18_baseline.py --compare_torch
-  python -m cmtdp_jax.benchmark --config configs/nyud_vitb_mt.py --compare_torch  # + timm
+  python -m cmtdp_jax.benchmarks.benchmark --config configs/nyud_hrnet18_baseline.py --compare_torch
+  python -m cmtdp_jax.benchmarks.benchmark --config configs/nyud_vitb_mt.py --compare_torch  # + timm
 
 The HRNet / ResNet backbones are `tests/golden/torch_reference.py`
 (state_dict-compatible with the official checkpoints), which is not installed

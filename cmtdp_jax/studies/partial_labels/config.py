@@ -1,7 +1,7 @@
-"""The partial-label study's setting (docs/partial_label_study/DESIGN.md): the synthetic
+"""The partial-label study's setting (cmtdp_jax/studies/partial_labels/DESIGN.md): the synthetic
 world at 96x96, where the regularizer's sampled pixels are a minority of the decoder map.
 
-  python -m cmtdp_jax.tools.ablation --config configs/synthetic_partial_study.py ...
+  python -m cmtdp_jax.studies.tool --config cmtdp_jax/studies/partial_labels/config.py ...
 
 The model, optimiser and data are those of configs/synthetic.py; only the image size and the
 regularizer's sampling change. The compact backbone's decoder features are at stride 4:

@@ -1,0 +1,1 @@
+"""The study tool: `python -m cmtdp_jax.studies.tool` (see __main__.py)."""
