@@ -130,7 +130,8 @@ def analyze(config, workdir: str, step: int | None = None) -> dict:
   """Measures checkpoint `step` (default latest) of the run in `workdir`; returns the JSON."""
   if config.analysis.num_batches < 1:
     raise ValueError(f'config.analysis.num_batches={config.analysis.num_batches} must be >= 1')
-  mesh, model, _, state, eval_source = train.restore(config, workdir, step)
+  mesh, model, _, state = train.restore(config, workdir, step)
+  eval_source = pipeline.open_eval_split(config)
   step = int(state.step)
   cfg = contrastive.ContrastiveConfig.from_dict(config.contrastive)
   pairs = contrastive.source_options(config.tasks, config.tasks, cfg)

@@ -10,7 +10,6 @@ two runs' results become a side-by-side table with delta_m (`comparison`).
 from __future__ import annotations
 
 import copy
-import functools
 import importlib.util
 import os
 import subprocess
@@ -21,7 +20,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from cmtdp_jax import checkpointing
+from cmtdp_jax import config_lib
 from cmtdp_jax import evaluation
 from cmtdp_jax import steps
 from cmtdp_jax import tasks as tasks_lib
@@ -37,19 +36,6 @@ DEFAULT_REAL_BACKBONE = 'hrnet_w18_small_v2'
 def repo_root() -> str:
   """The checkout holding `cmtdp_jax/` and `configs/` (an editable install)."""
   return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def load_config_file(path: str, variant: str = ''):
-  """`get_config(variant)` of a config file, as `--config path:variant` would."""
-  if not os.path.isabs(path):
-    path = os.path.join(repo_root(), path)
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f'config file {path} not found')
-  name = 'notebook_config_' + os.path.splitext(os.path.basename(path))[0]
-  module_spec = importlib.util.spec_from_file_location(name, path)
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
-  return module.get_config(variant) if variant else module.get_config()
 
 
 def resolve_dataset(dataset: str, data_folder: str) -> str:
@@ -110,7 +96,8 @@ def build_config(dataset: str = 'synthetic', *, full_protocol: bool = False,
   `overrides` maps dotted config fields to values, e.g. {'batch_size': 4}.
   """
   if dataset == 'synthetic':
-    config = load_config_file('configs/synthetic.py', 'smoke' if tiny else '')
+    config = config_lib.load_config_file(
+        os.path.join(repo_root(), 'configs', 'synthetic.py') + (':smoke' if tiny else ''))
     if backbone and backbone != config.model.backbone:
       config.model.backbone = backbone
       # The compact backbone's kwargs fit no other.
@@ -139,7 +126,7 @@ def _protocol_config(dataset, backbone, framework):
   path = os.path.join(repo_root(), 'configs',
                       f'{CONFIG_PREFIX[dataset]}_{short}_{framework}.py')
   if short and os.path.isfile(path):
-    return load_config_file(path)
+    return config_lib.load_config_file(path)
   # No file for this combination: the same protocol, built directly.
   from cmtdp_jax import protocol  # pylint: disable=import-outside-toplevel
   config = protocol.protocol_config(dataset, backbone, 'baseline')
@@ -174,18 +161,13 @@ def run_name(config) -> str:
 
 
 def load_predictor(config, workdir: str):
-  """(predict(images) -> {task: decoded map}) from the latest checkpoint in `workdir`."""
-  model, _, _, abstract = steps.build(config)
-  # One device is plenty for a few images, whatever mesh trained the model.
-  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  shardings = jax.tree.map(lambda _: device, abstract)
-  checkpointer = checkpointing.Checkpointer(workdir, config.checkpoint_every,
-                                            config.keep_checkpoints, read_only=True)
-  try:
-    state = checkpointer.restore(checkpointing.abstract_like(abstract, shardings))
-  finally:
-    checkpointer.close()
-  apply = jax.jit(functools.partial(steps.predict, model, tuple(config.tasks)))
+  """(predict(images) -> {task: decoded map}) from the latest checkpoint in `workdir`,
+  restored as evaluation restores it, onto one device (plenty for a few images, whatever
+  mesh trained the model)."""
+  from cmtdp_jax import train  # pylint: disable=import-outside-toplevel  # imports TensorFlow
+  one_device = jax.sharding.Mesh(np.array(jax.local_devices()[:1]), ('data',))
+  _, model, _, state = train.restore(config, workdir, mesh=one_device)
+  apply = steps.make_predict_step(model, tuple(config.tasks))
 
   def predict(images):
     out = apply(state.params['model'], state.batch_stats, images)

@@ -3,9 +3,11 @@
 Nothing here imports TensorFlow: benchmarks build the same steps on synthetic
 in-memory batches on machines without TF.
 
-The parameters are `{'model': ..., 'contrastive': ...}`: the inference path
-(`make_predict_step`) only ever touches `params['model']`, so the training-only
-projectors of the regularizer cannot change what is deployed.
+The parameters are `{'model': ..., 'contrastive': ...}`: the predict step
+(`make_predict_step`, the one training, evaluation, the benchmark and the
+notebook run) only ever touches `params['model']`, so the training-only
+projectors of the regularizer cannot change what is deployed. `setup` builds
+everything of a config on a mesh, for training and the benchmark alike.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import optax
 from cmtdp_jax import contrastive
 from cmtdp_jax import data as data_lib
 from cmtdp_jax import models
+from cmtdp_jax import sharding
 from cmtdp_jax import tasks as tasks_lib
 
 
@@ -162,6 +165,28 @@ def build(config) -> Components:
   init = functools.partial(init_state, trainer,
                            image_shape=(config.batch_size, *config.data.crop_size, 3))
   return Components(model, trainer, init, jax.eval_shape(init, init_key(config.seed)))
+
+
+class Setup(NamedTuple):
+  """What a run builds from its config on a mesh: training, evaluation and the benchmark."""
+  model: nn.Module
+  trainer: Trainer
+  abstract_state: TrainState
+  state_sharding: Any
+  init: Callable[[Any], TrainState]  # init_key(seed) -> a fresh state, sharded
+  train_step: Callable
+  predict_step: Callable
+
+
+def setup(config, mesh) -> Setup:
+  model, trainer, init, abstract = build(config)
+  state_sharding = sharding.state_shardings(abstract, mesh, config.mesh.fsdp_min_size)
+  batch_sharding = sharding.batch_sharding(mesh)
+  return Setup(model, trainer, abstract, state_sharding,
+               jax.jit(init, out_shardings=state_sharding),
+               make_train_step(trainer, state_sharding, batch_sharding,
+                               sharding.replicated(mesh)),
+               make_predict_step(model, config.tasks, batch_sharding))
 
 
 def dummy_labels(task_names, image_shape):
@@ -334,7 +359,13 @@ def predict(model: nn.Module, task_names, model_params, batch_stats, images):
   return {t: tasks_lib.get_task(t).decode(predictions[t]) for t in task_names}
 
 
-def make_predict_step(model, task_names, params_sharding, stats_sharding, batch_sharding):
-  return jax.jit(functools.partial(predict, model, tuple(task_names)),
-                 in_shardings=(params_sharding, stats_sharding, batch_sharding),
-                 out_shardings=batch_sharding)
+@functools.lru_cache(maxsize=8)
+def make_predict_step(model, task_names, batch_sharding=None):
+  """The jitted predict step: (model params, BN statistics, images) -> {task: prediction}.
+
+  Parameters keep the shardings they were committed with (replicated or FSDP); the
+  predictions are sharded like the batch. Cached, so that every evaluation of a run
+  reuses one compiled step.
+  """
+  placed = {} if batch_sharding is None else {'out_shardings': batch_sharding}
+  return jax.jit(functools.partial(predict, model, tuple(task_names)), **placed)

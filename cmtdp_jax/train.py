@@ -10,7 +10,6 @@ full eval split.
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import signal
@@ -61,14 +60,12 @@ class _Preemption:
     return self.checkpointer.manager.reached_preemption(step)
 
 
-def _setup(config, workdir):
-  """Everything train and eval share: mesh, data spec, model, trainer, shardings."""
-  mesh = sharding.make_mesh(config.mesh)
+def _setup(config, mesh=None):
+  """Everything train and eval share: the mesh (default: the config's), validated, and
+  `steps.setup` on it."""
+  mesh = sharding.make_mesh(config.mesh) if mesh is None else mesh
   config_lib.validate(config, sharding.data_parallel_size(mesh))
-  spec = data_lib.get_dataset_spec(config.data.name)
-  model, trainer, init, abstract = steps.build(config)
-  state_sharding = sharding.state_shardings(abstract, mesh, config.mesh.fsdp_min_size)
-  return mesh, spec, model, trainer, init, abstract, state_sharding
+  return mesh, steps.setup(config, mesh)
 
 
 def _check_writable(workdir):
@@ -137,15 +134,16 @@ def _check_config_change(config, workdir, checkpoint_step):
                      '--config.allow_config_change=True to resume anyway, or another --workdir')
 
 
-def _create_state(config, init, abstract, state_sharding, checkpointer):
+def _create_state(config, built, checkpointer):
   """Restores the latest checkpoint, or initialises a fresh state."""
   if checkpointer.latest_step() is not None:
-    state = checkpointer.restore(checkpointing.abstract_like(abstract, state_sharding))
+    state = checkpointer.restore(checkpointing.abstract_like(built.abstract_state,
+                                                             built.state_sharding))
     logging.info('Resumed from %s at step %d', checkpointer.directory, int(state.step))
     return state
-  state = jax.jit(init, out_shardings=state_sharding)(steps.init_key(config.seed))
+  state = built.init(steps.init_key(config.seed))
   if config.model.pretrained:
-    state = _load_pretrained_backbone(state, config.model, state_sharding)
+    state = _load_pretrained_backbone(state, config.model, built.state_sharding)
   return state
 
 
@@ -199,7 +197,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
   One run per workdir: process 0 holds `workdir_lock` until the run ends, and
   takes it before it writes anything there.
   """
-  mesh, spec, model, trainer, init, abstract, state_sharding = _setup(config, workdir)
+  mesh, built = _setup(config)
+  spec = data_lib.get_dataset_spec(config.data.name)
   _check_writable(workdir)
   is_chief = jax.process_index() == 0
   lock = workdir_lock.acquire(workdir) if is_chief else None
@@ -210,7 +209,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
     latest = checkpointer.latest_step()
     if latest is not None:  # before the restore, which fails less clearly on a width change
       _check_config_change(config, workdir, latest)
-    state = _create_state(config, init, abstract, state_sharding, checkpointer)
+    state = _create_state(config, built, checkpointer)
     start_step = int(state.step)
     if latest is not None and _writer_config(workdir, start_step) != _writer_config(
         workdir, latest):  # damaged checkpoints skipped back into an earlier run's
@@ -220,8 +219,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
       writer = tensorboard.SummaryWriter(workdir)
 
     batch_sharding = sharding.batch_sharding(mesh)
-    train_step = steps.make_train_step(trainer, state_sharding, batch_sharding,
-                                       sharding.replicated(mesh))
+    train_step = built.train_step
     train_source = pipeline.open_split(config.data, spec.train_split, config.tasks)
     mapping = _label_mapping(config, workdir, train_source, is_chief,
                              resuming=latest is not None)
@@ -279,10 +277,10 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
           logging.info('SIGTERM: saved step %d, exiting', step)
           return results
         if evaluating:
-          results = _evaluate_and_write(config, workdir, model, state, eval_source, mesh,
+          results = _evaluate_and_write(config, workdir, built.model, state, eval_source, mesh,
                                         step, writer)
       logging.info('Train step compilations in this run: %d', compilations['jit(train_step)'])
-      results = _evaluate_and_write(config, workdir, model, state, eval_source, mesh,
+      results = _evaluate_and_write(config, workdir, built.model, state, eval_source, mesh,
                                     int(state.step), writer)
   finally:
     if checkpointer:
@@ -294,26 +292,28 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
   return results
 
 
-def restore(config, workdir: str, step: int | None = None):
-  """Restores checkpoint `step` (default latest) of a run for inference or analysis.
+def restore(config, workdir: str, step: int | None = None, mesh=None):
+  """Restores checkpoint `step` (default latest) of a run for inference or analysis, onto
+  `mesh` (default: the config's; the notebook passes one device).
 
-  Returns (mesh, model, trainer, state, eval_source).
+  Returns (mesh, model, trainer, state).
   """
-  mesh, _, model, trainer, _, abstract, state_sharding = _setup(config, workdir)
+  mesh, built = _setup(config, mesh)
   # Read-only: safe next to a run training in the same workdir; creates nothing.
   checkpointer = checkpointing.Checkpointer(workdir, config.checkpoint_every,
                                             config.keep_checkpoints, read_only=True)
   try:
-    state = checkpointer.restore(checkpointing.abstract_like(abstract, state_sharding), step)
+    state = checkpointer.restore(
+        checkpointing.abstract_like(built.abstract_state, built.state_sharding), step)
   finally:
     checkpointer.close()
-  eval_source = pipeline.open_eval_split(config)
-  return mesh, model, trainer, state, eval_source
+  return mesh, built.model, built.trainer, state
 
 
 def evaluate(config, workdir: str, step: int | None = None) -> dict[str, float]:
   """Restores checkpoint `step` (default latest) and evaluates the eval split."""
-  mesh, model, _, state, eval_source = restore(config, workdir, step)
+  mesh, model, _, state = restore(config, workdir, step)
+  eval_source = pipeline.open_eval_split(config)
   _check_writable(workdir)
   with jax.set_mesh(mesh):
     return _evaluate_and_write(config, workdir, model, state, eval_source, mesh,
@@ -330,7 +330,7 @@ def run_evaluation(config, model, state, eval_source, mesh, outputs=None,
   get the same '@<part>' (the study tool scores a task on two subsets of images).
   """
   batch_sharding = sharding.batch_sharding(mesh)
-  predict = _predict_step(model, tuple(config.tasks), mesh)
+  predict = steps.make_predict_step(model, tuple(config.tasks), batch_sharding)
   metrics = metrics or scoring.eval_metrics(config, eval_source)
   shown = progress.Progress('evaluation', eval_source.num_examples, 'images',
                             enabled=jax.process_index() == 0)
@@ -346,16 +346,6 @@ def run_evaluation(config, model, state, eval_source, mesh, outputs=None,
   if outputs:
     outputs.close()
   return _merge_across_hosts(metrics)
-
-
-@functools.lru_cache(maxsize=4)
-def _predict_step(model, task_names, mesh):
-  """One compiled predict step for all the evaluations of a run.
-
-  Parameters keep the shardings they were committed with (replicated or FSDP).
-  """
-  return jax.jit(functools.partial(steps.predict, model, task_names),
-                 out_shardings=sharding.batch_sharding(mesh))
 
 
 def _merge_across_hosts(metrics) -> dict[str, float]:

@@ -201,6 +201,7 @@ def test_importing_the_tool_defines_no_flags():
   """benchmark.py and the CLI define --config too; the tool's flags exist only when it runs."""
   from absl import flags  # pylint: disable=import-outside-toplevel
   from cmtdp_jax.benchmarks import benchmark  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
+  from cmtdp_jax.studies.tool import __main__  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
   assert 'summarize_only' not in flags.FLAGS
 
 

@@ -8,7 +8,6 @@ that training uses.
 
 import ast
 import glob
-import importlib.util
 import json
 import os
 import pathlib
@@ -572,20 +571,12 @@ CONFIG_FILES = sorted(glob.glob(str(REPO / 'configs' / 'nyud_*.py')) +
                       glob.glob(str(REPO / 'configs' / 'pascal_*.py')))
 
 
-def _load_config_file(path):
-  spec = importlib.util.spec_from_file_location(pathlib.Path(path).stem, path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
 @pytest.mark.parametrize('path', CONFIG_FILES, ids=lambda p: pathlib.Path(p).stem)
 def test_protocol_config_files_and_variants_validate(path):
-  module = _load_config_file(path)
-  config = module.get_config()
+  config = config_lib.load_config_file(path)
   tasks = data_lib.get_dataset_spec(config.data.name).tasks
   for variant in ['', 'contrastive'] + [f'single_task={t}' for t in tasks]:
-    config = module.get_config(variant)
+    config = config_lib.load_config_file(f'{path}:{variant}' if variant else path)
     config_lib.validate(config, 8)
     assert config.contrastive.enable == (variant == 'contrastive')
     if variant.startswith('single_task'):

@@ -5,7 +5,7 @@ import pathlib
 import socket
 
 import jax
-import numpy as np
+
 import pytest
 
 from cmtdp_jax import sharding, train

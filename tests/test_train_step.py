@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cmtdp_jax.benchmarks import benchmark, sharding, steps
+from cmtdp_jax import sharding, steps
 from cmtdp_jax.data import synthetic_world
 from tests import same_training
 from tests.conftest import tiny_config
@@ -38,8 +38,8 @@ def make_batch(config, first_seed=0):
 
 def build(config, mesh):
   """(trainer, state, train step) exactly as the benchmark and train.py build them."""
-  _, trainer, state, step, _ = benchmark.build(config, mesh)
-  return trainer, state, step
+  built = steps.setup(config, mesh)
+  return built.trainer, built.init(steps.init_key(config.seed)), built.train_step
 
 
 def steps_of(config, mesh, num_steps, batch_fn=None):
@@ -190,13 +190,12 @@ def test_state_stops_changing_at_the_streak_limit(guarded):
 def test_inference_is_untouched_by_the_regularizer():
   """Same outputs, parameter count and XLA FLOPs with the regularizer on or off."""
   mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ('data',))
-  replicated = sharding.replicated(mesh)
   outputs, counts, flops = [], [], []
   for enable in (False, True):
     config = tiny_config(**{'contrastive.enable': enable})
     trainer, state, _ = build(config, mesh)
     assert ('contrastive' in state.params) == enable
-    predict = steps.make_predict_step(trainer.model, config.tasks, replicated, replicated,
+    predict = steps.make_predict_step(trainer.model, tuple(config.tasks),
                                       sharding.batch_sharding(mesh))
     images = make_batch(config)['image']
     with jax.set_mesh(mesh):

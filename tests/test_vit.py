@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from cmtdp_jax.benchmarks import benchmark, models, steps, train
+from cmtdp_jax import models, steps, train
+from cmtdp_jax.benchmarks import benchmark
 from cmtdp_jax.models import backbones, convert
 from cmtdp_jax.models.backbones import vit
 from cmtdp_jax.tools import check_backbone, convert_weights

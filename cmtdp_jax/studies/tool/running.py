@@ -36,7 +36,7 @@ def split_by_label(config, run_dir: str, mapping: dict) -> dict[str, float]:
   import jax  # pylint: disable=import-outside-toplevel
   from cmtdp_jax import data as data_lib  # pylint: disable=import-outside-toplevel
   from cmtdp_jax.data import pipeline  # pylint: disable=import-outside-toplevel
-  mesh, model, _, state, _ = train.restore(config, run_dir)
+  mesh, model, _, state = train.restore(config, run_dir)
   spec = data_lib.get_dataset_spec(config.data.name)
   source = pipeline.open_split(config.data, spec.train_split, config.tasks)
   with jax.set_mesh(mesh):
