@@ -266,6 +266,19 @@ class _DropOrbaxNotices(python_logging.Filter):
 python_logging.getLogger('absl').addFilter(_DropOrbaxNotices())
 
 
+class _DropOrbaxWriteTasks(python_logging.Filter):
+  """When a save fails, asyncio also reports each of Orbax's other write tasks that failed
+  with it ("Task exception was never retrieved", with a traceback), sometimes after our
+  one line: Orbax raises the failure itself, so they say nothing new."""
+
+  def filter(self, record):
+    message = record.getMessage()
+    return not ('Task exception was never retrieved' in message and 'orbax' in message)
+
+
+python_logging.getLogger('asyncio').addFilter(_DropOrbaxWriteTasks())
+
+
 def _drop_callbacks_into_closed_loop():
   """After a failed read or write TensorStore still completes the others into
   Orbax's event loop, closed by then, and Python prints a 'RuntimeError: Event
