@@ -29,7 +29,7 @@ from cmtdp_jax.models.backbones import BACKBONES
 def base_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.seed = 0
-  config.tasks = ('semseg', 'depth', 'normals', 'edge', 'sal', 'human_parts')
+  config.tasks = tasks_lib.ALL
 
   config.data = ml_collections.ConfigDict()
   config.data.name = 'synthetic'

@@ -1,10 +1,13 @@
 """Registry of dense prediction tasks.
 
 One entry per task says everything the rest of the code needs to know about it:
-how many output channels the model predicts, which label pixels are valid, the
-training loss (SPEC section 3), how raw outputs decode into task space, and how
-to colour a map for visualisation. Models, losses, the contrastive regularizer
-and the evaluators all look tasks up here instead of branching on task names.
+how many output channels the model predicts, its labels' dtype and which label
+pixels are valid, the training loss (SPEC section 3), how raw outputs decode into
+task space, which metric scores it (and its primary key, and whether lower is
+better), and how to colour a map for visualisation. The task list is written
+once, here (`ALL`). Models, losses, the data pipeline, the contrastive
+regularizer and the evaluators look tasks up here instead of branching on task
+names; a dataset says how many classes its categorical tasks have.
 
 Label conventions (one image: drop the leading batch axis):
   semseg, human_parts, sal, edge: int32 [B, H, W], 255 = ignore.
@@ -170,6 +173,14 @@ class Task:
   decode: Callable
   valid: Callable
   colourize: Callable
+  metric: str  # the evaluation metric that scores it (`evaluation.METRICS`)
+  primary_metric: str  # its key for tables and delta_m, e.g. 'semseg/mIoU'
+  lower_is_better: bool = False
+
+  @property
+  def label_dtype(self) -> str:
+    """Class ids are int32, depth and normals float32 (module docstring)."""
+    return 'int32' if self.label_kind == CATEGORICAL else 'float32'
 
   def num_outputs(self, num_classes: dict[str, int]) -> int:
     if self.channels is not None:
@@ -201,25 +212,27 @@ def _metres(raw):
   return jnp.maximum(raw[..., 0].astype(jnp.float32), 0.0)
 
 
-def _categorical(name, weight, channels=None, loss=_cross_entropy, decode=_argmax,
-                 colourize=_colour_classes):
+def _categorical(name, weight, metric, primary, channels=None, loss=_cross_entropy,
+                 decode=_argmax, colourize=_colour_classes):
   return Task(name, CATEGORICAL, channels, weight, loss, decode,
-              _valid_categorical, colourize)
+              _valid_categorical, colourize, metric, f'{name}/{primary}')
 
 
+# In this order everywhere a run lists all tasks (the default config, the synthetic world).
 TASKS: dict[str, Task] = {
-    'semseg': _categorical('semseg', 1.0),
-    'human_parts': _categorical('human_parts', 2.0),
-    'sal': _categorical('sal', 5.0, 1, _balanced_bce, _probability,
-                        lambda p: _colour_scalar(p, 1.0)),
-    'edge': _categorical('edge', 50.0, 1, _balanced_bce, _probability,
-                         lambda p: _colour_scalar(p, 1.0)),
+    'semseg': _categorical('semseg', 1.0, 'segmentation', 'mIoU'),
     'depth': Task('depth', DEPTH, 1, 1.0, _depth_l1, _metres, _valid_depth,
-                  _colour_scalar),
+                  _colour_scalar, 'depth', 'depth/rmse', lower_is_better=True),
     'normals': Task('normals', NORMALS, 3, 10.0, _normals_l1,
                     lambda raw: unit_vectors(raw.astype(jnp.float32)), _valid_normals,
-                    _colour_normals),
+                    _colour_normals, 'normals', 'normals/mean', lower_is_better=True),
+    'edge': _categorical('edge', 50.0, 'boundary', 'odsF', 1, _balanced_bce, _probability,
+                         lambda p: _colour_scalar(p, 1.0)),
+    'sal': _categorical('sal', 5.0, 'saliency', 'maxF', 1, _balanced_bce, _probability,
+                        lambda p: _colour_scalar(p, 1.0)),
+    'human_parts': _categorical('human_parts', 2.0, 'segmentation', 'mIoU'),
 }
+ALL = tuple(TASKS)
 
 
 def get_task(name: str) -> Task:

@@ -144,9 +144,13 @@ def test_saliency_variants_differ_in_pooling():
   assert result['sal/mIoU'] == pytest.approx(50.0)
 
 
+# The classes `_random_batch` draws from: a dataset's count, which `make_metric` is given.
+CLASSES = {'semseg': {'num_classes': 5}, 'human_parts': {'num_classes': 5}}
+
+
 def _random_batch(task, rng):
   shape = (2, 8, 9)
-  if task in ('semseg', 'human_parts'):
+  if task in CLASSES:
     return rng.integers(0, 5, shape), _labels(rng, shape, 5)
   if task == 'depth':
     return rng.uniform(0, 5, shape), rng.uniform(0, 5, shape) * (rng.random(shape) > 0.2)
@@ -159,7 +163,8 @@ def _random_batch(task, rng):
 def test_merge_and_from_state_equal_one_stream(task):
   rng = np.random.default_rng(4)
   batches = [_random_batch(task, rng) for _ in range(3)]
-  single, first, second = (evaluation.make_metric(task) for _ in range(3))
+  single, first, second = (evaluation.make_metric(task, **CLASSES.get(task, {}))
+                           for _ in range(3))
   for pred, gt in batches:
     single.update(pred, gt)
   first.update(*batches[0])
@@ -176,9 +181,9 @@ def test_merge_and_from_state_equal_one_stream(task):
 def test_image_subset():
   rng = np.random.default_rng(5)
   pred, gt = _random_batch('semseg', rng)
-  subset = evaluation.make_metric('semseg', image_ids=['b'])
+  subset = evaluation.make_metric('semseg', image_ids=['b'], num_classes=5)
   subset.update(pred, gt, ids=['a', 'b'])
-  only_b = evaluation.make_metric('semseg')
+  only_b = evaluation.make_metric('semseg', num_classes=5)
   only_b.update(pred[1], gt[1])
   assert subset.result() == only_b.result()
   assert subset.num_images == only_b.num_images == 1
@@ -187,7 +192,7 @@ def test_image_subset():
 
 
 def test_unknown_task_names_the_valid_ones():
-  with pytest.raises(ValueError, match='semseg, human_parts, depth, normals, sal, edge'):
+  with pytest.raises(ValueError, match='semseg, depth, normals, edge, sal, human_parts'):
     evaluation.make_metric('segmentation')
 
 

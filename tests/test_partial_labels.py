@@ -12,6 +12,7 @@ import pytest
 from cmtdp_jax import config_lib, contrastive, sharding, steps, tasks, train
 from cmtdp_jax import data as data_lib
 from cmtdp_jax import label_mapping
+from cmtdp_jax import workdir as workdir_lib
 from tests import same_training
 from tests.conftest import tiny_config
 from tests.test_cli import run_main
@@ -19,7 +20,7 @@ from tests.test_contrastive import module_inputs, relation, small_config
 from tests.test_train_step import build, make_batch, trained_run
 
 IDS = [f'img{i:03d}' for i in range(103)]
-SIX = data_lib.ALL_TASKS
+SIX = tasks.ALL
 
 
 # ------------------------------------------------------------------ drawing
@@ -117,16 +118,16 @@ def test_resuming_a_run_older_than_the_fields_compares_with_their_defaults(tmp_p
   for field in ('partial_labels', 'label_fraction', 'partial_labels_seed', 'label_mapping'):
     del older['data'][field]
   (tmp_path / 'config.json').write_text(json.dumps(older))
-  train._check_config_change(config, str(tmp_path), 10)
+  workdir_lib.check_config_change(config, str(tmp_path), 10)
   config.data.partial_labels = 'one_label'
   with pytest.raises(ValueError, match=r'^config.data.partial_labels changed since'):
-    train._check_config_change(config, str(tmp_path), 10)
+    workdir_lib.check_config_change(config, str(tmp_path), 10)
 
 
 def _resume_check(tmp_path, before: dict, after: dict):
   """Runs the resume check of a run configured with `before` resumed with `after`."""
   (tmp_path / 'config.json').write_text(tiny_config(**before).to_json_best_effort())
-  train._check_config_change(tiny_config(**after), str(tmp_path), 10)
+  workdir_lib.check_config_change(tiny_config(**after), str(tmp_path), 10)
 
 
 def test_resume_lets_fields_change_that_leave_the_saved_mapping(tmp_path):
@@ -601,7 +602,9 @@ def test_mapping_is_written_once_and_read_back_by_a_resume(tmp_path, data_dir, c
   source = pipeline.open_split(config.data, 'train', config.tasks)
   workdir = str(tmp_path)
   caplog.set_level('INFO', logger='absl')  # test_cli's in-process flag parsing sets WARNING
-  mapping = train._label_mapping(config, workdir, source, is_chief=True, resuming=False)
+  ids = lambda: pipeline.split_ids(source)  # noqa: E731
+  mapping = workdir_lib.label_mapping_at_start(config, workdir, ids, is_chief=True,
+                                              resuming=False)
   path = tmp_path / label_mapping.FILENAME
   written = path.read_bytes()
   assert mapping == label_mapping.draw(pipeline.split_ids(source), config.tasks, 'random', 0.4, 5)
@@ -613,18 +616,20 @@ def test_mapping_is_written_once_and_read_back_by_a_resume(tmp_path, data_dir, c
   edited = dict(mapping, **{'00000': ('depth', 'sal')})
   label_mapping.save(workdir, edited)
   edited_bytes = path.read_bytes()
-  assert train._label_mapping(config, workdir, source, is_chief=True, resuming=True) == edited
+  assert workdir_lib.label_mapping_at_start(config, workdir, ids, is_chief=True,
+                                            resuming=True) == edited
   assert path.read_bytes() == edited_bytes
   assert f'read back (sha256 {label_mapping.sha256(edited)})' in caplog.text
   # A start with no checkpoint to resume draws what it is asked for: the file a start that
   # saved none left (here the edited one) is replaced, with a warning.
-  assert train._label_mapping(config, workdir, source, is_chief=True, resuming=False) == mapping
+  assert workdir_lib.label_mapping_at_start(config, workdir, ids, is_chief=True,
+                                            resuming=False) == mapping
   assert path.read_bytes() == written and 'replaced: the start that wrote it' in caplog.text
   # Without partial labels nothing is written, and no ids are read (a pass over NYUD's or
   # PASCAL's whole train split).
   monkeypatch.setattr(pipeline, 'split_ids', lambda source: pytest.fail('read the ids'))
-  assert train._label_mapping(tiny_config(data_dir), str(tmp_path / 'full'),
-                              source, is_chief=True, resuming=False) is None
+  assert workdir_lib.label_mapping_at_start(tiny_config(data_dir), str(tmp_path / 'full'),
+                                            ids, is_chief=True, resuming=False) is None
   assert not os.path.exists(tmp_path / 'full' / label_mapping.FILENAME)
 
 
@@ -647,7 +652,7 @@ def test_cli_trains_and_evaluates_one_label_end_to_end(tmp_path, data_dir):
                                         'data.partial_labels': 'one_label',
                                         'data.partial_labels_seed': 1})
   with pytest.raises(ValueError, match=r'^config.data.partial_labels_seed changed since'):
-    train._check_config_change(other_draw, workdir, 2)
+    workdir_lib.check_config_change(other_draw, workdir, 2)
 
 
 @pytest.mark.parametrize('name', ['nyud', 'pascal_context'])

@@ -11,9 +11,8 @@ from __future__ import annotations
 import dataclasses
 import importlib
 
+from cmtdp_jax import tasks as tasks_lib
 from cmtdp_jax.data import synthetic_world
-
-ALL_TASKS = ('semseg', 'depth', 'normals', 'edge', 'sal', 'human_parts')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,7 +34,7 @@ class DatasetSpec:
 
 
 DATASETS = {
-    'synthetic': DatasetSpec('synthetic', ALL_TASKS, dict(synthetic_world.NUM_CLASSES),
+    'synthetic': DatasetSpec('synthetic', tasks_lib.ALL, dict(synthetic_world.NUM_CLASSES),
                              'cmtdp_jax.data.synthetic',
                              rebuild='run the same command again, which generates it anew'),
     'nyud': DatasetSpec('nyud', ('semseg', 'depth', 'normals', 'edge'), {'semseg': 40},

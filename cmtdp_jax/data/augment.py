@@ -51,14 +51,17 @@ def random_scale(example, seed, min_scale, max_scale):
     expanded = label[..., None] if label.shape.rank == 2 else label
     resized = tf.image.resize(expanded, size, method='nearest')
     out[task] = resized[..., 0] if label.shape.rank == 2 else resized
-  if 'depth' in out:
-    out['depth'] = out['depth'] / scale
+  for task in _label_keys(example):
+    if tasks_lib.get_task(task).label_kind == tasks_lib.DEPTH:  # metres seen from closer
+      out[task] = out[task] / scale
   return out
 
 
 def centring_offsets(size, target):
-  """(top, left) of an image of `size` centred in `target`: delta // 2 (ATRC's PadImage)."""
-  return [tf.maximum(t - n, 0) // 2 for n, t in zip(tf.unstack(size), target)]
+  """(top, left) of images of `size` ([..., 2]) centred in `target` (height, width):
+  delta // 2 before, the rest after (ATRC's PadImage)."""
+  size = tf.convert_to_tensor(size)
+  return tf.maximum(tf.cast(tf.stack(target), size.dtype) - size, 0) // 2
 
 
 def pad_centred(example, height, width):
@@ -67,7 +70,7 @@ def pad_centred(example, height, width):
   shape = tf.shape(example['image'])
   pad_h = tf.maximum(height - shape[0], 0)
   pad_w = tf.maximum(width - shape[1], 0)
-  top, left = pad_h // 2, pad_w // 2
+  top, left = tf.unstack(centring_offsets(shape[:2], (height, width)))
   spatial = [[top, pad_h - top], [left, pad_w - left]]
   out = dict(example)
   out['image'] = tf.pad(example['image'], spatial + [[0, 0]])
@@ -141,9 +144,10 @@ def random_flip(example, seed):
   out = dict(example)
   for key in ['image'] + _label_keys(example):
     out[key] = tf.cond(flip, lambda v=example[key]: tf.reverse(v, [1]), lambda v=example[key]: v)
-  if 'normals' in out:
-    x, yz = out['normals'][..., :1], out['normals'][..., 1:]
-    out['normals'] = tf.concat([tf.where(flip, -x, x), yz], axis=-1)
+  for task in _label_keys(example):
+    if tasks_lib.get_task(task).label_kind == tasks_lib.NORMALS:
+      x, yz = out[task][..., :1], out[task][..., 1:]
+      out[task] = tf.concat([tf.where(flip, -x, x), yz], axis=-1)
   return out
 
 
@@ -308,8 +312,7 @@ def centre_in_batch(batch, min_size):
   """
   shape = tf.shape(batch['image'])
   target = [tf.maximum(shape[1], min_size[0]), tf.maximum(shape[2], min_size[1])]
-  offsets = tf.stack([(target[0] - batch['size'][:, 0]) // 2,
-                      (target[1] - batch['size'][:, 1]) // 2], axis=1)
+  offsets = centring_offsets(batch['size'], target)
   out = dict(batch, offset=offsets)
   for key in ['image'] + _label_keys(batch):
     x = batch[key]

@@ -118,8 +118,8 @@ def _decoder(source: Source):
     for task in source.tasks:
       value = features[source.feature(task)].decode_example(record[task])
       if tasks_lib.get_task(task).label_kind == tasks_lib.CATEGORICAL:
-        value = tf.cast(tf.reshape(value, tf.shape(value)[:2]), tf.int32)
-      example[task] = tf.cast(value, tf.float32) if task in ('depth', 'normals') else value
+        value = tf.reshape(value, tf.shape(value)[:2])  # drop a PNG's channel axis
+      example[task] = tf.cast(value, tasks_lib.get_task(task).label_dtype)
     return example
   return decode
 

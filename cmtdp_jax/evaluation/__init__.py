@@ -11,8 +11,7 @@ numpy arrays that merge by summation, for gathering across hosts) and
   edge/ods_threshold: the threshold of the ODS point.
 """
 
-import functools
-
+from cmtdp_jax import tasks as tasks_lib
 from cmtdp_jax.evaluation.boundary import BoundaryMetric
 from cmtdp_jax.evaluation.boundary import evaluate_boundaries
 from cmtdp_jax.evaluation.boundary import export_edge_pngs
@@ -27,15 +26,15 @@ from cmtdp_jax.evaluation.report import format_table
 from cmtdp_jax.evaluation.report import load_single_task_results
 from cmtdp_jax.evaluation.report import LOWER_IS_BETTER
 from cmtdp_jax.evaluation.report import PRIMARY_METRICS
-from cmtdp_jax.evaluation.report import write_results
 
+# The metric each task names (`tasks.Task.metric`); a segmentation metric needs the task
+# and its dataset's number of classes (`metric_options`).
 METRICS = {
-    'semseg': functools.partial(SegmentationMetric, 'semseg', num_classes=40),
-    'human_parts': functools.partial(SegmentationMetric, 'human_parts', num_classes=7),
+    'segmentation': SegmentationMetric,
     'depth': DepthMetric,
     'normals': NormalsMetric,
-    'sal': SaliencyMetric,
-    'edge': BoundaryMetric,
+    'saliency': SaliencyMetric,
+    'boundary': BoundaryMetric,
 }
 
 
@@ -56,6 +55,7 @@ def make_metric(task: str, **options) -> Metric:
   e.g. make_metric('semseg', num_classes=40), make_metric('edge',
   max_dist=0.0075, image_ids=test_new_ids). Every metric accepts image_ids.
   """
-  if task not in METRICS:
-    raise ValueError(f"unknown task '{task}'; valid tasks: {', '.join(METRICS)}")
-  return METRICS[task](**options)
+  metric = METRICS[tasks_lib.get_task(task).metric]  # an unknown task: one line there
+  if metric is SegmentationMetric:
+    return metric(task, **options)
+  return metric(**options)

@@ -17,15 +17,11 @@ import os
 import re
 from typing import Iterable, Mapping
 
-PRIMARY_METRICS = {
-    'semseg': 'semseg/mIoU',
-    'human_parts': 'human_parts/mIoU',
-    'sal': 'sal/maxF',
-    'edge': 'edge/odsF',
-    'depth': 'depth/rmse',
-    'normals': 'normals/mean',
-}
-LOWER_IS_BETTER = frozenset({'depth/rmse', 'normals/mean'})
+from cmtdp_jax import tasks as tasks_lib
+
+PRIMARY_METRICS = {name: task.primary_metric for name, task in tasks_lib.TASKS.items()}
+LOWER_IS_BETTER = frozenset(task.primary_metric for task in tasks_lib.TASKS.values()
+                            if task.lower_is_better)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,20 +79,6 @@ def delta_m(multi_task: Mapping[str, float], single_task: Mapping[str, float] | 
     missing.append('no task with a primary metric in the results')
   value = sum(deltas) / len(deltas) if rows and not missing else None
   return DeltaM(value, tuple(rows), tuple(missing))
-
-
-def write_results(path: str, results: Mapping, **dump_options) -> None:
-  """Writes `results` as JSON to `path` whole or not at all: a run killed while
-  writing leaves the previous file (or none), never a truncated one that a reader
-  (this module, the study tool) would take for a finished evaluation."""
-  partial = f'{path}.partial'
-  try:
-    with open(partial, 'w') as f:
-      json.dump(results, f, **dump_options)
-    os.replace(partial, path)
-  finally:
-    if os.path.exists(partial):
-      os.remove(partial)
 
 
 def latest_eval_file(workdir: str) -> str | None:

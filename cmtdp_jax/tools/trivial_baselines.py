@@ -37,10 +37,11 @@ def training_statistics(source, task_names, count: int) -> dict[str, np.ndarray]
   stats = {}
   for task, values in sums.items():
     values = np.concatenate(values)
-    if task == 'normals':
+    kind = tasks_lib.get_task(task).label_kind
+    if kind == tasks_lib.NORMALS:
       mean = values.mean(axis=0)
       stats[task] = mean / np.linalg.norm(mean)
-    elif task in ('sal', 'edge'):
+    elif kind == tasks_lib.CATEGORICAL:  # binary maps (sal, edge): the positive rate
       stats[task] = np.float32((values == 1).mean())
     else:
       stats[task] = np.float32(values.mean())
@@ -48,10 +49,11 @@ def training_statistics(source, task_names, count: int) -> dict[str, np.ndarray]
 
 
 def trivial_prediction(task, stats, label, num_classes, rng):
+  """A uniformly random class where the dataset has classes, else the training mean."""
   shape = label.shape[:3]
-  if task in ('semseg', 'human_parts'):
+  if task in num_classes:
     return rng.integers(0, num_classes[task], shape)
-  if task == 'normals':
+  if tasks_lib.get_task(task).label_kind == tasks_lib.NORMALS:
     return np.broadcast_to(stats[task], shape + (3,))
   return np.full(shape, stats[task], np.float32)
 
