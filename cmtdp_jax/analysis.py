@@ -1,8 +1,10 @@
 """Cross-task consistency of decoder features: the paper's Figure 1.
 
 For every (target t, source s) pair the regularizer knows, triplets are drawn
-from s's ground truth exactly as in training (`contrastive.sample_triplets`
-with 'random' matching, so the histograms are not biased by hard mining) on
+from s's ground truth by the training's rule (`contrastive.sample_triplets`
+composes the same pixel sampler, pair masks and matching per image; its random
+draws are not training's; 'random' matching, so the histograms are not biased
+by hard mining) on
 t's decoder features of eval images, and embedded with the trained projector
 Proj_{t,s}; a run trained without the regularizer has no projectors, so its
 L2-normalised raw features are measured instead. Features consistent with s's
@@ -29,8 +31,8 @@ from jax.experimental import multihost_utils
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from cmtdp_jax import atomic_json
 from cmtdp_jax import contrastive
-from cmtdp_jax import evaluation
 from cmtdp_jax import sharding
 from cmtdp_jax import tasks as tasks_lib
 from cmtdp_jax import train
@@ -173,7 +175,7 @@ def analyze(config, workdir: str, step: int | None = None) -> dict:
     folder = os.path.join(workdir, 'analysis')
     plot_histograms(distances, os.path.join(folder, f'step_{step}.png'),
                     f'Triplet distances at step {step}: {features}', config.analysis.bins)
-    evaluation.write_results(os.path.join(folder, f'step_{step}.json'), results, indent=2)
+    atomic_json.write_json(os.path.join(folder, f'step_{step}.json'), results, indent=2)
     print(f'\nCross-task consistency at step {step} ({features}):\n{format_table(results)}',
           flush=True)
   return results

@@ -37,6 +37,8 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from cmtdp_jax import atomic_json
+
 MODES = ('', 'one_label', 'random')
 FILENAME = 'label_mapping.json'
 
@@ -139,10 +141,9 @@ def file_sha256(path: str) -> str:
 
 def save(workdir: str, mapping: Mapping[str, Sequence[str]]) -> str:
   """Writes `<workdir>/label_mapping.json` whole or not at all; returns its path."""
-  from cmtdp_jax.evaluation import report  # pylint: disable=import-outside-toplevel
   path = os.path.join(workdir, FILENAME)
-  report.write_results(path, {i: list(t) for i, t in mapping.items()}, sort_keys=True,
-                       indent=1)
+  atomic_json.write_json(path, {i: list(t) for i, t in mapping.items()}, sort_keys=True,
+                         indent=1)
   return path
 
 

@@ -281,7 +281,8 @@ def hold_zero_gradient(tx, grads, state: TrainState, params, opt_state, batch_st
 
 
 def train_step(trainer: Trainer, state: TrainState, batch):
-  """One SGD step that never makes the state non-finite, so no checkpoint holds NaN.
+  """One optimizer step (`make_optimizer`: SGD, Adam or AdamW) that never makes the
+  state non-finite, so no checkpoint holds NaN.
 
   An update whose loss, gradient or new state (parameters, optimizer state, BN
   statistics) is not finite is rejected: the state stays as it was and the

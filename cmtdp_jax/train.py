@@ -10,7 +10,6 @@ full eval split.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import time
@@ -18,19 +17,18 @@ import time
 import jax
 import numpy as np
 from absl import logging
-from etils import epath
 from flax.metrics import tensorboard
 from jax.experimental import multihost_utils
 
+from cmtdp_jax import atomic_json
 from cmtdp_jax import checkpointing
 from cmtdp_jax import config_lib
 from cmtdp_jax import data as data_lib
 from cmtdp_jax import evaluation
-from cmtdp_jax import label_mapping
 from cmtdp_jax import progress
 from cmtdp_jax import sharding
 from cmtdp_jax import steps
-from cmtdp_jax import workdir_lock
+from cmtdp_jax import workdir as workdir_lib
 from cmtdp_jax.data import pipeline
 from cmtdp_jax.evaluation import scoring
 from cmtdp_jax.evaluation import visualize
@@ -68,72 +66,6 @@ def _setup(config, mesh=None):
   return mesh, steps.setup(config, mesh)
 
 
-def _check_writable(workdir):
-  if workdir.startswith('gs://'):
-    return
-  try:
-    os.makedirs(workdir, exist_ok=True)
-    probe = os.path.join(workdir, f'.write_test_{jax.process_index()}')
-    with open(probe, 'w') as f:
-      f.write('ok')
-    os.remove(probe)
-  except OSError as e:
-    raise ValueError(f'--workdir {workdir} is not writable: {e.strerror}') from e
-
-
-def _config_files(workdir) -> dict[int, epath.Path]:
-  """The config of every start of a run in `workdir`, by the step it started from."""
-  found = {}
-  for path in epath.Path(workdir).glob('config*.json'):
-    start = path.name[len('config.'):-len('.json')]
-    if path.name == 'config.json' or start.isdigit():
-      found[int(start) if start.isdigit() else 0] = path
-  return found
-
-
-def _save_config(config, workdir, start_step):
-  """Keeps the config of every start: `config.json` of the first, then
-  `config.<start_step>.json`, so that no resume overwrites the original."""
-  name = f'config.{start_step}.json' if start_step else 'config.json'
-  (epath.Path(workdir) / name).write_text(config.to_json_best_effort(indent=2))
-
-
-def _writer_config(workdir, checkpoint_step) -> epath.Path | None:
-  """The config file of the run that wrote `checkpoint_step` (the last start before it)."""
-  earlier = {start: path for start, path in _config_files(workdir).items()
-             if start < checkpoint_step}
-  return earlier[max(earlier)] if earlier else None
-
-
-def _check_config_change(config, workdir, checkpoint_step):
-  """Logs every field changed since the run that wrote `checkpoint_step`, one
-  line each; refuses those that make the resumed run another experiment
-  (`config_lib.RESUME_FIXED`) unless `config.allow_config_change`."""
-  path = _writer_config(workdir, checkpoint_step)
-  if path is None:
-    logging.warning('No config.json of the run that wrote checkpoint %d: cannot tell which '
-                    'fields changed', checkpoint_step)
-    return
-  try:
-    previous = json.loads(path.read_text())
-  except ValueError as e:
-    raise ValueError(f'{path} is not valid JSON ({e}); it is the config of the run that '
-                     f'wrote checkpoint {checkpoint_step}') from e
-  current = json.loads(config.to_json_best_effort())
-  defaults = json.loads(config_lib.base_config().to_json_best_effort())
-  free = label_mapping.resume_free_fields({**defaults['data'], **previous.get('data', {})},
-                                         current['data'], workdir)
-  refused = []
-  for field, old, new in config_lib.changed_fields(previous, current, defaults=defaults):
-    logging.warning('config.%s changed since %s: %s -> %s', field, path.name, old, new)
-    if old is not config_lib.ABSENT and config_lib.fixed_on_resume(field) and field not in free:
-      refused.append(f'config.{field}')
-  if refused and not config.allow_config_change:
-    raise ValueError(f'{", ".join(refused)} changed since {path} (the run that wrote checkpoint '
-                     f'{checkpoint_step}): resuming would not continue that run; pass '
-                     '--config.allow_config_change=True to resume anyway, or another --workdir')
-
-
 def _create_state(config, built, checkpointer):
   """Restores the latest checkpoint, or initialises a fresh state."""
   if checkpointer.latest_step() is not None:
@@ -163,66 +95,35 @@ def _load_pretrained_backbone(state, model_config, state_sharding):
   return jax.device_put(state.replace(params=params, batch_stats=batch_stats), state_sharding)
 
 
-def _label_mapping(config, workdir, train_source, is_chief, resuming):
-  """The tasks each training image keeps (None: all), `label_mapping.FILENAME` in
-  `workdir`: written by process 0 at a start with no checkpoint, read back by every
-  resume of one."""
-  path = os.path.join(workdir, label_mapping.FILENAME)
-  existed = os.path.exists(path)
-  if not label_mapping.is_partial(config.data):  # reads no ids
-    if existed:
-      logging.warning('%s is not used: this start trains on all labels', path)
-    return None
-  mapping = label_mapping.for_run(config.data, config.tasks, pipeline.split_ids(train_source),
-                                  workdir, resuming=resuming)
-  read_back = resuming and existed
-  if not read_back and is_chief:
-    if existed and label_mapping.sha256(mapping) != label_mapping.file_sha256(path):
-      logging.warning('%s replaced: the start that wrote it saved no checkpoint, and this '
-                      'one asks for another mapping', path)
-    label_mapping.save(workdir, mapping)
-  logging.info('Label mapping %s %s (sha256 %s): %s', path,
-               'read back' if read_back else 'written', label_mapping.sha256(mapping),
-               label_mapping.describe(mapping, config.tasks))
-  unlabelled = [t for t, n in label_mapping.counts(mapping, config.tasks).items() if n == 0]
-  if unlabelled:
-    logging.warning('No training image keeps the labels of %s: their losses are 0 throughout',
-                    ', '.join(unlabelled))
-  return mapping
-
-
 def train_and_evaluate(config, workdir: str) -> dict[str, float]:
   """Trains `config` in `workdir` (resuming if possible); returns final eval results.
 
-  One run per workdir: process 0 holds `workdir_lock` until the run ends, and
-  takes it before it writes anything there.
+  One run per workdir: process 0 holds its lock (`workdir.acquire`) from before it writes
+  anything there until the run ends.
   """
   mesh, built = _setup(config)
   spec = data_lib.get_dataset_spec(config.data.name)
-  _check_writable(workdir)
+  workdir_lib.check_writable(workdir)
   is_chief = jax.process_index() == 0
-  lock = workdir_lock.acquire(workdir) if is_chief else None
+  lock = workdir_lib.acquire(workdir) if is_chief else None
   checkpointer, writer = None, None
   try:
     checkpointer = checkpointing.Checkpointer(workdir, config.checkpoint_every,
                                               config.keep_checkpoints)
     latest = checkpointer.latest_step()
-    if latest is not None:  # before the restore, which fails less clearly on a width change
-      _check_config_change(config, workdir, latest)
+    workdir_lib.check_resume(config, workdir, latest)
     state = _create_state(config, built, checkpointer)
     start_step = int(state.step)
-    if latest is not None and _writer_config(workdir, start_step) != _writer_config(
-        workdir, latest):  # damaged checkpoints skipped back into an earlier run's
-      _check_config_change(config, workdir, start_step)
+    workdir_lib.record_start(config, workdir, latest, start_step, is_chief)
     if is_chief:
-      _save_config(config, workdir, start_step)
       writer = tensorboard.SummaryWriter(workdir)
 
     batch_sharding = sharding.batch_sharding(mesh)
     train_step = built.train_step
     train_source = pipeline.open_split(config.data, spec.train_split, config.tasks)
-    mapping = _label_mapping(config, workdir, train_source, is_chief,
-                             resuming=latest is not None)
+    mapping = workdir_lib.label_mapping_at_start(
+        config, workdir, lambda: pipeline.split_ids(train_source), is_chief,
+        resuming=latest is not None)
     eval_source = pipeline.open_eval_split(config)
     batches = pipeline.global_batches(
         pipeline.numpy_batches(pipeline.train_dataset(train_source, config, start_step, mapping),
@@ -246,9 +147,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
           # Once per run, so the first line comes now rather than `log_every` steps later.
           first = jax.device_get(metrics)
           _log_first_step(step, config.num_steps, first, time.time() - last_log, call_seconds)
-          # The exact first losses, to tell runs' numerics apart (the study tool, cmtdp_jax/studies/tool/numerics.py).
-          _write_scalars(writer, step, {k: v for k, v in first.items() if k.startswith('loss/')},
-                         'first_step')
+          _write_scalars(writer, step, first, 'train')
           last_log, last_log_step = time.time(), step  # the rates leave the compile out
         preempted = preemption.reached(step)
         evaluating = (bool(config.eval_every) and step % config.eval_every == 0
@@ -314,7 +213,7 @@ def evaluate(config, workdir: str, step: int | None = None) -> dict[str, float]:
   """Restores checkpoint `step` (default latest) and evaluates the eval split."""
   mesh, model, _, state = restore(config, workdir, step)
   eval_source = pipeline.open_eval_split(config)
-  _check_writable(workdir)
+  workdir_lib.check_writable(workdir)
   with jax.set_mesh(mesh):
     return _evaluate_and_write(config, workdir, model, state, eval_source, mesh,
                                int(state.step), None)
@@ -325,9 +224,9 @@ def run_evaluation(config, model, state, eval_source, mesh, outputs=None,
   """Predicts the whole eval split and returns the pooled metrics.
 
   `outputs` (a `visualize.EvalOutputs`) also gets every host-local batch.
-  `metrics` replaces the run's metrics (`pipeline.eval_metrics`): {name: Metric}, the
-  name a task or '<task>@<part>' for a second metric of one task, whose result keys
-  get the same '@<part>' (the study tool scores a task on two subsets of images).
+  `metrics` replaces the run's metrics (`scoring.eval_metrics`): {name: Metric}; a name
+  '<task><suffix>' adds the suffix to the metric's result keys, so that one task can be
+  scored several ways (say on two subsets of its images) in one pass.
   """
   batch_sharding = sharding.batch_sharding(mesh)
   predict = steps.make_predict_step(model, tuple(config.tasks), batch_sharding)
@@ -356,7 +255,7 @@ def _merge_across_hosts(metrics) -> dict[str, float]:
     if jax.process_count() > 1:
       summed = jax.tree.map(lambda x: np.sum(_allgather_exact(x), axis=0), metric.state)
       metric = type(metric).from_state(summed, metric)
-    part = name[len(metric.task):]  # '' or '@<part>' (run_evaluation)
+    part = name[len(metric.task):]  # the name's suffix (run_evaluation)
     results.update({key + part: value for key, value in metric.result().items()})
     results[f'{metric.task}/images{part}'] = float(metric.num_images)
   return results
@@ -381,8 +280,8 @@ def _evaluate_and_write(config, workdir, model, state, eval_source, mesh, step, 
   logging.info('Evaluated step %d in %.1fs', step, time.time() - start)
   if jax.process_index() == 0:
     os.makedirs(os.path.join(workdir, 'eval'), exist_ok=True)
-    evaluation.write_results(os.path.join(workdir, 'eval', f'step_{step}.json'), results,
-                             indent=2, sort_keys=True)
+    atomic_json.write_json(os.path.join(workdir, 'eval', f'step_{step}.json'), results,
+                           indent=2, sort_keys=True)
     print(f'\nEvaluation at step {step}:\n{evaluation.format_table(results)}', flush=True)
     _write_scalars(writer, step, results, 'eval')
   return results

@@ -182,7 +182,7 @@ def test_first_step_losses_are_the_exact_bits_train_logs(tmp_path):
   from cmtdp_jax import train  # pylint: disable=import-outside-toplevel
   loss = np.float32(1.0) + np.float32(2.0 ** -23)  # the float32 after 1
   writer = tensorboard.SummaryWriter(str(tmp_path))
-  train._write_scalars(writer, 1, {'loss/semseg': loss}, 'first_step')  # pylint: disable=protected-access
+  train._write_scalars(writer, 1, {'loss/semseg': loss}, 'train')  # pylint: disable=protected-access
   train._write_scalars(writer, 100, {'loss/semseg': np.float32(0.5)}, 'train')  # pylint: disable=protected-access
   writer.close()
   assert numerics.first_step_losses(str(tmp_path)) == {'loss/semseg': '3f800001'}

@@ -338,3 +338,13 @@ def test_export_pngs_hold_the_quantized_map(tmp_path):
 def test_unknown_options(option, message):
   with pytest.raises(ValueError, match=message):
     evaluation.make_metric('edge', **option)
+
+
+def test_compiled_thinning_is_the_reference_algorithm():
+  """The evaluation's in-place compiled thinning and `thinning.thin` (the synthetic world's
+  edge labels) give the same maps: one algorithm, one table definition."""
+  from cmtdp_jax import thinning  # pylint: disable=import-outside-toplevel
+  rng = np.random.default_rng(0)
+  for _ in range(100):
+    mask = rng.random((rng.integers(3, 30), rng.integers(3, 30))) < rng.uniform(0.2, 0.9)
+    np.testing.assert_array_equal(boundary.thin(mask), thinning.thin(mask))

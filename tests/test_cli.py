@@ -89,7 +89,7 @@ def test_train_writes_eval_json_table_and_checkpoints(runs):
   assert re.search(r'^step 1/12 \| .*semseg .* \| first step [\d.]+s \(compile [\d.]+s\)$',
                    out, re.MULTILINE), out
   assert out.index('step 1/12') < out.index('step 10/12')
-  # ... and its exact losses go to TensorBoard, for the study tool's records.
+  # ... and its exact metrics go to TensorBoard as a logged step (the study tool reads them).
   from cmtdp_jax.studies.tool import numerics  # pylint: disable=import-outside-toplevel
   first = numerics.first_step_losses(runs['whole'])
   total = np.array(int(first['loss/total'], 16), np.uint32).view(np.float32)

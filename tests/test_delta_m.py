@@ -5,6 +5,7 @@ import os
 
 import pytest
 
+from cmtdp_jax import atomic_json
 from cmtdp_jax import evaluation
 
 MULTI = {'semseg/mIoU': 40.0, 'depth/rmse': 0.5, 'normals/mean': 22.0, 'edge/odsF': 70.0,
@@ -98,9 +99,9 @@ def test_results_are_written_whole_or_not_at_all(tmp_path):
   """A write that fails half-way (here: a value JSON cannot hold, after the first key)
   keeps the previous file and leaves no partial one beside it."""
   path = str(tmp_path / 'step_3.json')
-  evaluation.write_results(path, {'depth/rmse': 0.5})
+  atomic_json.write_json(path, {'depth/rmse': 0.5})
   with pytest.raises(TypeError):
-    evaluation.write_results(path, {'a/first': 1.0, 'b/second': object()}, sort_keys=True)
+    atomic_json.write_json(path, {'a/first': 1.0, 'b/second': object()}, sort_keys=True)
   with open(path) as f:
     assert json.load(f) == {'depth/rmse': 0.5}
   assert os.listdir(tmp_path) == ['step_3.json']

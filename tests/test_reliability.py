@@ -16,7 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cmtdp_jax import checkpointing, config_lib, steps, train, workdir_lock
+from cmtdp_jax import checkpointing, config_lib, steps, train
+from cmtdp_jax import workdir as workdir_lib
 from tests.conftest import tiny_config
 from tests.test_cli import ROOT, run_main
 
@@ -147,14 +148,14 @@ def test_diverged_run_stops_at_the_limit_and_saves_only_sane_state(diverged):
   reader.close()
   assert int(saved.step) == 1 and int(saved.nonfinite_steps) == 1  # not applied ...
   assert max(float(np.abs(x).max()) for x in jax.tree.leaves(saved.params)) < 100  # ... so sane
-  with open(os.path.join(workdir, workdir_lock.LOCK_FILE)) as f:
+  with open(os.path.join(workdir, workdir_lib.LOCK_FILE)) as f:
     assert f.read() == ''  # released
 
 
 def test_busy_workdir_stops_at_once_naming_the_other_run(diverged):
   config, workdir, _ = diverged
   before = sorted(os.listdir(workdir))
-  with workdir_lock.acquire(workdir):
+  with workdir_lib.acquire(workdir):
     with pytest.raises(ValueError, match=rf'--workdir {workdir} is in use by another run \(host '
                                          rf'.+, pid {os.getpid()}, started \d{{4}}-\d\d-\d\d [\d:]+ UTC\)'):
       train.train_and_evaluate(config, workdir)
@@ -163,18 +164,18 @@ def test_busy_workdir_stops_at_once_naming_the_other_run(diverged):
 
 def test_lock_of_a_killed_run_does_not_block(tmp_path):
   holder = subprocess.Popen(
-      [sys.executable, '-c', 'import sys, time; from cmtdp_jax import workdir_lock; '
-       'workdir_lock.acquire(sys.argv[1]); print("held", flush=True); time.sleep(300)',
+      [sys.executable, '-c', 'import sys, time; from cmtdp_jax import workdir; '
+       'workdir.acquire(sys.argv[1]); print("held", flush=True); time.sleep(300)',
        str(tmp_path)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
   try:
     assert holder.stdout.readline().strip() == 'held'
     with pytest.raises(ValueError, match=rf'pid {holder.pid}, started'):
-      workdir_lock.acquire(str(tmp_path))
+      workdir_lib.acquire(str(tmp_path))
   finally:
     holder.kill()
     holder.wait()
-  assert os.path.getsize(tmp_path / workdir_lock.LOCK_FILE) > 0  # left behind by SIGKILL
-  workdir_lock.acquire(str(tmp_path)).release()
+  assert os.path.getsize(tmp_path / workdir_lib.LOCK_FILE) > 0  # left behind by SIGKILL
+  workdir_lib.acquire(str(tmp_path)).release()
 
 
 def test_changed_config_is_logged_kept_and_refused_when_meaningless(diverged, caplog):
@@ -183,17 +184,17 @@ def test_changed_config_is_logged_kept_and_refused_when_meaningless(diverged, ca
     first = f.read()
   changed = diverging_config(config.data.data_dir, **{'optim.lr': 1e-3})
   caplog.set_level(logging.WARNING)
-  train._check_config_change(changed, workdir, 1)
+  workdir_lib.check_config_change(changed, workdir, 1)
   logged = [r.getMessage() for r in caplog.records if 'changed since' in r.getMessage()]
   assert logged == ['config.optim.lr changed since config.json: 1e+30 -> 0.001']
 
-  train._save_config(changed, workdir, 1)  # what the resumed run keeps
+  workdir_lib.save_config(changed, workdir, 1)  # what the resumed run keeps
   with open(os.path.join(workdir, 'config.json')) as f:
     assert f.read() == first
   with open(os.path.join(workdir, 'config.1.json')) as f:
     assert json.load(f)['optim']['lr'] == 1e-3
   caplog.clear()
-  train._check_config_change(changed, workdir, 3)  # the run started at 1 wrote 3
+  workdir_lib.check_config_change(changed, workdir, 3)  # the run started at 1 wrote 3
   assert not [r for r in caplog.records if 'changed since' in r.getMessage()]
   os.remove(os.path.join(workdir, 'config.1.json'))
 
@@ -202,9 +203,9 @@ def test_changed_config_is_logged_kept_and_refused_when_meaningless(diverged, ca
     refused = diverging_config(config.data.data_dir, **{field: value})
     with pytest.raises(ValueError, match=rf'^config.{field} changed since .*config.json .*'
                                          'allow_config_change=True'):
-      train._check_config_change(refused, workdir, 1)
+      workdir_lib.check_config_change(refused, workdir, 1)
     refused.allow_config_change = True
-    train._check_config_change(refused, workdir, 1)
+    workdir_lib.check_config_change(refused, workdir, 1)
   with pytest.raises(ValueError, match=r'config.batch_size changed'):
     train.train_and_evaluate(diverging_config(config.data.data_dir, batch_size=16), workdir)
   assert not glob.glob(os.path.join(workdir, 'config.*.json'))
@@ -220,7 +221,7 @@ def test_config_change_is_checked_against_the_run_of_the_checkpoint_resumed(dive
   shutil.copytree(os.path.join(checkpoints, '1'), os.path.join(checkpoints, '3'))
   shutil.rmtree(os.path.join(checkpoints, '3', 'default'))
   batch16 = diverging_config(config.data.data_dir, batch_size=16)
-  train._save_config(batch16, workdir, 2)
+  workdir_lib.save_config(batch16, workdir, 2)
   with pytest.raises(ValueError, match=r'^config.batch_size changed since .*/config.json \(the '
                                        r'run that wrote checkpoint 1\)'):
     train.train_and_evaluate(batch16, workdir)
@@ -251,7 +252,7 @@ def test_failed_resume_closes_the_checkpointer_and_frees_the_workdir(diverged, m
     train.train_and_evaluate(wider, workdir)
   assert '\n' not in str(error.value)
   assert closed == [os.path.join(workdir, 'checkpoints')]
-  workdir_lock.acquire(workdir).release()  # not held any more
+  workdir_lib.acquire(workdir).release()  # not held any more
 
 
 def _write_to_a_full_disk(*args, **kwargs):

@@ -6,7 +6,7 @@ that fail with one line naming the file (`FolderError`, a ValueError, so
 `pipeline._decoder` reads, and `make_builder`, which finds or prepares the
 dataset for a `config.data`.
 
-Preparation goes through `generation.prepare` (safe when runs race) and
+Preparation goes through `generation.build_once` (safe when runs race) and
 TFDS's `download_and_prepare`, which writes into a temporary folder and
 renames it only when every split is complete, so a failed preparation never
 leaves a dataset that looks finished.
@@ -220,7 +220,7 @@ def make_builder(builder_cls, data_config, detect_packaging, layout):
   if not builder.is_prepared():
     if not src:
       raise _not_prepared(builder_cls.name, data_dir, layout)
-    builder = generation.prepare(
+    builder = generation.build_once(
         lambda: builder_cls(config=packaging, data_dir=data_dir),
         tfds.download.DownloadConfig(manual_dir=src, try_download_gcs=False))
   return builder

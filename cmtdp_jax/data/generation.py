@@ -1,8 +1,9 @@
-"""Preparing a TFDS dataset once, even when several runs need it at the same time.
+"""Building a TFDS dataset once, even when several runs need it at the same time (the
+`data.prepare` command and a run that prepares its dataset on first use both go through it).
 
 TFDS generates into a private temporary folder and renames it into place; a
 second run preparing the same dataset meanwhile fails at its own rename with
-FileExistsError. `prepare` takes an exclusive lock in the data dir first, so
+FileExistsError. `build_once` takes an exclusive lock in the data dir first, so
 the second run waits and then reads what the first one wrote. Generation
 shows one `progress.Progress` per split (total and ETA) instead of TFDS's
 bars without a total and its 'Unknown size (download: Unknown size ...)'.
@@ -35,7 +36,7 @@ def examples(items, split: str, total: int):
   return progress.track(items, f'generating {split}', total, 'examples')
 
 
-def prepare(make_builder, download_config=None):
+def build_once(make_builder, download_config=None):
   """`make_builder()`'s builder, prepared by this process or by one it waited for."""
   builder = make_builder()
   if builder.is_prepared():

@@ -75,5 +75,5 @@ def make_builder(data_config):
            f'_seed{data_config.dataset_seed}',
       height=height, width=width, num_train=data_config.num_train,
       num_eval=data_config.num_eval, seed=data_config.dataset_seed)
-  return generation.prepare(
+  return generation.build_once(
       lambda: SyntheticWorld(config=config, data_dir=data_config.data_dir or None))

@@ -23,7 +23,7 @@ Conventions:
     object instance changes, or where two different surfaces meet with a
     relative depth jump above DEPTH_JUMP (an object occluding part of
     itself); the nearer pixel of the pair is marked and the map is thinned to
-    one pixel (Guo-Hall). Walls are separate instances, so room corners are
+    one pixel (Guo-Hall, `thinning.thin`). Walls are separate instances, so room corners are
     edges; box creases and flat textures are not.
   sal: 1 on every object and the person, 0 on the room.
   human_parts: PART_NAMES ids on the person, 0 elsewhere.
@@ -40,6 +40,8 @@ import functools
 from typing import Callable
 
 import numpy as np
+
+from cmtdp_jax import thinning
 
 CLASS_NAMES = ('floor', 'wall', 'ceiling', 'ball', 'box', 'cylinder', 'table', 'person')
 FLOOR, WALL, CEILING, BALL, BOX, CYLINDER, TABLE, PERSON = range(len(CLASS_NAMES))
@@ -689,41 +691,6 @@ def _surface_tables(scene):
   return np.array(rows, np.int64).T
 
 
-def _thinning_tables():
-  """Guo-Hall thinning look-up tables over 8-neighbour codes (bit k: E, NE, N, ... SE)."""
-  bits = (np.arange(256)[:, None] >> np.arange(8)) & 1 > 0
-  crossings = sum(~bits[:, i] & (bits[:, i + 1] | bits[:, (i + 2) % 8]) for i in (0, 2, 4, 6))
-  n1 = sum(bits[:, k] | bits[:, k - 1] for k in (1, 3, 5, 7))
-  n2 = sum(bits[:, k] | bits[:, (k + 1) % 8] for k in (1, 3, 5, 7))
-  removable = (crossings == 1) & np.isin(np.minimum(n1, n2), (2, 3))
-  first = removable & ~((bits[:, 1] | bits[:, 2] | ~bits[:, 7]) & bits[:, 0])
-  second = removable & ~((bits[:, 5] | bits[:, 6] | ~bits[:, 3]) & bits[:, 4])
-  return first, second
-
-
-_THIN_FIRST, _THIN_SECOND = _thinning_tables()
-_NEIGHBOUR_OFFSETS = ((0, 1), (-1, 1), (-1, 0), (-1, -1), (0, -1), (1, -1), (1, 0), (1, 1))
-
-
-def _thin(mask):
-  """Thins a boolean map to 8-connected one-pixel-wide curves (Guo and Hall 1989)."""
-  mask = mask.copy()
-  height, width = mask.shape
-  while True:
-    changed = False
-    for table in (_THIN_FIRST, _THIN_SECOND):
-      padded = np.pad(mask, 1)
-      code = np.zeros(mask.shape, np.uint8)
-      for bit, (dy, dx) in enumerate(_NEIGHBOUR_OFFSETS):
-        code |= padded[1 + dy:1 + dy + height, 1 + dx:1 + dx + width].astype(np.uint8) << bit
-      remove = mask & table[code]
-      if remove.any():
-        mask &= ~remove
-        changed = True
-    if not changed:
-      return mask
-
-
 def _edges(semseg, instance, surface, depth):
   """Boundary map: see the module docstring for the rule."""
   def boundary(a, b):
@@ -738,7 +705,7 @@ def _edges(semseg, instance, surface, depth):
     changes, first_nearer = boundary(first, second)
     edge[first] |= changes & first_nearer
     edge[second] |= changes & ~first_nearer
-  return _thin(edge)
+  return thinning.thin(edge)
 
 
 def _behind(light, boxes, directions, distances):

@@ -59,6 +59,7 @@ from pyEdgeEval import correspond_pixels
 from pyEdgeEval import nms as edges_nms
 from scipy import ndimage
 
+from cmtdp_jax import thinning
 from cmtdp_jax.evaluation import _boundary_match
 from cmtdp_jax.evaluation import metrics
 
@@ -174,32 +175,12 @@ def protocol_map(prob_u8: np.ndarray, protocol: str = 'seism') -> np.ndarray:
   return edge_nms(prob_u8, nms)
 
 
-def _thinning_luts():
-  """MATLAB bwmorph 'thin' (Lam, Lee & Suen 1992, algorithm A1) as two 256-entry tables.
-
-  Bit k of a code is neighbour x_{k+1}, counterclockwise from east. A pixel is
-  deleted in the first sub-iteration when G1, G2 and G3 hold, in the second
-  when G1, G2 and G3' hold.
-  """
-  codes = np.arange(256)
-  bits = [((codes >> k) & 1).astype(bool) for k in range(8)]
-  x = lambda i: bits[(i - 1) % 8]  # pylint: disable=unnecessary-lambda-assignment
-  crossings = sum(~x(2 * i - 1) & (x(2 * i) | x(2 * i + 1)) for i in range(1, 5))
-  n1 = sum(x(2 * k - 1) | x(2 * k) for k in range(1, 5))
-  n2 = sum(x(2 * k) | x(2 * k + 1) for k in range(1, 5))
-  g1_g2 = (crossings == 1) & (np.minimum(n1, n2) >= 2) & (np.minimum(n1, n2) <= 3)
-  g3 = ~((x(2) | x(3) | ~x(8)) & x(1))
-  g3_prime = ~((x(6) | x(7) | ~x(4)) & x(5))
-  return (g1_g2 & g3).astype(np.uint8), (g1_g2 & g3_prime).astype(np.uint8)
-
-
-_THINNING_LUTS = _thinning_luts()
 
 
 def _thin_padded(padded_flat: np.ndarray, stride: int, pixels: np.ndarray) -> np.ndarray:
   """Thins a flattened zero-bordered 0/1 image in place; returns its remaining pixels."""
   pixels = np.array(pixels, np.intp)
-  left = _boundary_match.thin_in_place(padded_flat, stride, pixels, *_THINNING_LUTS)
+  left = _boundary_match.thin_in_place(padded_flat, stride, pixels, *thinning.TABLES)
   return pixels[:left]
 
 

@@ -1,6 +1,6 @@
 """Model registry: `get_model(model_config, tasks, num_classes)` builds a framework.
 
-Also exported: `convert_torch_state_dict` / `load_pretrained` for ImageNet weights.
+ImageNet weights are imported by `models.convert`.
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ import jax.numpy as jnp
 from cmtdp_jax import tasks as tasks_lib
 from cmtdp_jax.models import frameworks
 from cmtdp_jax.models.backbones import get_backbone
-from cmtdp_jax.models.convert import convert_torch_state_dict, load_pretrained  # noqa: F401
 
 FRAMEWORKS = {
     'baseline': frameworks.MultiTaskBaseline,

@@ -34,20 +34,21 @@ NUMERICS_CHANGES = ('5da98ea',)
 
 
 def train_scalars(workdir: str) -> dict[int, dict[str, float]]:
-  """{step: {tag: value}} of the logged train and first-step scalars (TensorBoard, float32)."""
+  """{step: {tag: value}} of the logged train scalars (TensorBoard, float32)."""
   import tensorflow as tf  # pylint: disable=import-outside-toplevel
   values = {}
   for path in glob.glob(os.path.join(workdir, 'events.out.tfevents.*')):
     for event in tf.compat.v1.train.summary_iterator(path):
       for value in event.summary.value:
-        if value.tag.startswith(('train/', 'first_step/')):
+        if value.tag.startswith('train/'):
           values.setdefault(event.step, {})[value.tag] = np.float32(
               tf.make_ndarray(value.tensor))
   return values
 
 
 def regularizer_share(workdir: str) -> float | None:
-  """Mean over the logged train steps of lambda * regularizer / total loss (TensorBoard)."""
+  """Mean over the logged train steps (each start's first step included) of
+  lambda * regularizer / total loss (TensorBoard)."""
   values = train_scalars(workdir)
   shares = [float(v['train/loss/contrastive']) / float(v['train/loss/total'])
             for v in values.values()
@@ -61,15 +62,13 @@ def float32_hex(value) -> str:
 
 
 def first_step_losses(workdir: str) -> dict | None:
-  """The run's losses at its first step, as float32 hex (train.py logs them as 'first_step/',
-  or as 'train/' when every step is logged)."""
+  """The run's losses at its first step, as float32 hex (a run logs its first step at once,
+  unaveraged)."""
   values = train_scalars(workdir)
   if 1 not in values:
     return None
-  tags = values[1]
-  prefix = 'first_step/' if any(t.startswith('first_step/') for t in tags) else 'train/'
-  return {tag[len(prefix):]: float32_hex(v) for tag, v in sorted(tags.items())
-          if tag.startswith(prefix + 'loss/')}
+  return {tag[len('train/'):]: float32_hex(v) for tag, v in sorted(values[1].items())
+          if tag.startswith('train/loss/')}
 
 
 def numerics_fingerprint(config, probe_steps: int = 2) -> dict:

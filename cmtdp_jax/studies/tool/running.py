@@ -21,6 +21,7 @@ import os
 import platform
 import time
 
+from cmtdp_jax import atomic_json
 from cmtdp_jax import evaluation
 from cmtdp_jax import label_mapping
 from cmtdp_jax import train
@@ -95,9 +96,9 @@ def train_run(config, workdir: str, results_dir: str, cell: design.Cell, seed: i
   folder = os.path.join(results_dir, key)
   os.makedirs(folder, exist_ok=True)
   # Whole or not at all: a record's file says that the run finished.
-  evaluation.write_results(os.path.join(folder, 'fingerprint.json'), fingerprint, indent=2,
+  atomic_json.write_json(os.path.join(folder, 'fingerprint.json'), fingerprint, indent=2,
                            sort_keys=True)
-  evaluation.write_results(os.path.join(folder, f'{name}.json'), record, indent=2,
+  atomic_json.write_json(os.path.join(folder, f'{name}.json'), record, indent=2,
                            sort_keys=True)
   return record
 
