@@ -103,7 +103,7 @@ class Checkpointer:
     try:
       yield
     except Exception as e:  # pylint: disable=broad-except  # Orbax raises many kinds
-      if getattr(self, '_saving', None) is None:
+      if self._saving is None:  # nothing was written: not a save's failure
         raise
       raise CheckpointWriteError(self._describe_write_error(e)) from e
 
@@ -117,8 +117,8 @@ class Checkpointer:
     if reason:
       return (f'{reason}: checkpoint {failed} could not be written to {self.directory} '
               f'(workdir {os.path.dirname(self.directory)}); {last} once there is room')
-    return f'checkpoint {failed} could not be written to {self.directory}: ' \
-           f'{_first_line(error)}; {last}'
+    return (f'checkpoint {failed} could not be written to {self.directory}: '
+            f'{_first_line(error)}; {last}')
 
   def due(self, step: int, force: bool = False) -> bool:
     """Whether `maybe_save(step, ..., force)` would write a checkpoint."""
