@@ -1,10 +1,14 @@
 """The layout: the library apart from its research, and the documentation's commands."""
 
 import ast
+import functools
 import importlib.util
+import os
 import pathlib
 import re
 import shlex
+import subprocess
+import sys
 
 import pytest
 
@@ -89,20 +93,45 @@ def _literal(value: str):
     return value
 
 
+@functools.lru_cache(maxsize=None)
+def _help(module: str) -> str:
+  """`python -m module --help`, once per module (absl's exits 1 after the usage, argparse's 0)."""
+  done = subprocess.run([sys.executable, '-m', module, '--help'], cwd=ROOT, capture_output=True,
+                        text=True, timeout=300, env=dict(os.environ, JAX_PLATFORMS='cpu'))
+  text = done.stdout + done.stderr
+  assert done.returncode in (0, 1) and re.search(r'^(flags|usage|options):', text,
+                                                  re.MULTILINE | re.IGNORECASE), (
+                                                      f'{module} --help: {text[-2000:]}')
+  return text
+
+
+def _defines(help_text: str, flag: str) -> bool:
+  """Whether a --help text lists `flag` (absl's booleans as --[no]name)."""
+  name = flag[2:].split('=', 1)[0]
+  return bool(re.search(rf'--(\[no\])?{re.escape(name)}\b', help_text) or (
+      name.startswith('no') and re.search(rf'--\[no\]{re.escape(name[2:])}\b', help_text)))
+
+
 @pytest.mark.parametrize('document,module,arguments', documented_commands(),
                          ids=lambda x: x if isinstance(x, str) and '/' in x else None)
 def test_documented_command_parses(document, module, arguments):
-  """Each documented command names a module that exists; the main command's config file
-  loads with the CLI's loader and every `--config.field=value` names a field and fits its
-  type, which is what `--mode=print_config` checks (a full run is too long). Placeholder
-  values (`DIR`, `<...>`, `...`) are left out."""
+  """Each documented command names a module that exists and whose --help lists every flag
+  the command passes; a `--config` file loads with the CLI's loader and every
+  `--config.field=value` names a field and fits its type, which is what
+  `--mode=print_config` checks (a full run is too long). Placeholder values (`DIR`, `<...>`,
+  `...`) are left out."""
   assert importlib.util.find_spec(module) is not None, f'{document}: no module {module}'
-  if module != 'cmtdp_jax.main':
-    return
   words = shlex.split(arguments)
+  help_text = _help(module)
+  for word in words:
+    if word.startswith('--') and not word.startswith('--config.'):
+      assert _defines(help_text, word), f'{document}: {module} has no flag {word}'
   config_file = next((words[i + 1] for i, w in enumerate(words[:-1]) if w == '--config'), None)
-  config_file = config_file or next(w[len('--config='):] for w in words
-                                    if w.startswith('--config='))
+  config_file = config_file or next((w[len('--config='):] for w in words
+                                     if w.startswith('--config=')), None)
+  if config_file is None:
+    assert module != 'cmtdp_jax.main', f'{document}: no --config in {arguments}'
+    return
   path, _, variant = config_file.partition(':')
   config = config_lib.load_config_file(str(ROOT / path) + (f':{variant}' if variant else ''))
   for word in words:

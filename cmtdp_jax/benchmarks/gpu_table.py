@@ -12,6 +12,7 @@ import json
 import os
 import sys
 
+USAGE = 'usage: python -m cmtdp_jax.benchmarks.gpu_table OUT_DIR'
 HEADER = ('| model | shape (batch) | dtype | device | step ms | images/s | MFU | peak memory | '
           'regularizer overhead | JAX / PyTorch |\n' + '|---' * 10 + '|')
 
@@ -60,8 +61,11 @@ def table(folder: str) -> str:
 
 def main(argv=None) -> int:
   argv = sys.argv[1:] if argv is None else argv
+  if argv in (['-h'], ['--help']):
+    print(f'{USAGE}\n\n{__doc__}')
+    return 0
   if len(argv) != 1:
-    sys.exit('usage: python -m cmtdp_jax.benchmarks.gpu_table OUT_DIR')
+    sys.exit(USAGE)
   try:
     print(table(argv[0]))
   except ValueError as e:
@@ -70,4 +74,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == '__main__':
-  main()
+  sys.exit(main())
