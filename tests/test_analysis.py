@@ -129,3 +129,32 @@ def test_raw_features_that_encode_the_source_labels_separate_every_triplet():
   assert stats['fraction_closer'] == 1.0
   np.testing.assert_allclose(stats['mean_d_ap'], 0.0, atol=1e-6)
   np.testing.assert_allclose(stats['mean_d_an'], np.sqrt(2.0), rtol=1e-6)
+
+
+def test_analysis_draws_triplets_as_training_does():
+  """The analysis samples (target, source) triplets with `contrastive.sample_triplets`; the
+  regularizer samples inside its fused step. With the same labels, config and a fixed source,
+  the share of valid triplets (an anchor with a positive and a negative in its pool: it depends
+  on the anchor and pool sampling, the masks and the thresholds, not on the features) agrees
+  within 4.4 standard errors of the difference of the two means (p < 1e-5 if they agree)."""
+  from tests.test_contrastive import module_inputs, small_config  # pylint: disable=import-outside-toplevel
+  tasks = ('semseg', 'depth', 'normals')
+  cfg = small_config(source_choice='pairs', pairs=(('semseg', 'depth'),))
+  module = contrastive.CrossTaskContrastive(tasks, tasks, cfg)
+  features, labels = module_inputs(batch=1)
+  params = module.init(jax.random.key(0), features, labels, jax.random.key(1))
+  train_valid = jax.jit(jax.vmap(
+      lambda rng: module.apply(params, features, labels, rng)[1]['semseg<-depth/valid']))
+  height, width = features['semseg'].shape[1:3]
+  resized = contrastive.resize_labels_nearest(labels['depth'], height, width)
+  analysis_valid = jax.jit(jax.vmap(lambda rng: analysis._sample(  # pylint: disable=protected-access
+      rng[None], 'depth', resized, cfg).valid.mean()))
+  draws = 400
+  trained = np.asarray(train_valid(jax.random.split(jax.random.key(2), draws)))
+  analysed = np.asarray(analysis_valid(jax.random.split(jax.random.key(3), draws)))
+  standard_error = np.sqrt(trained.var(ddof=1) / draws + analysed.var(ddof=1) / draws)
+  # Neither always nor never valid (0.94 here), so the share can tell samplers apart: a pool of
+  # 8 instead of 32, or depth_pos 0.02 instead of 0.05, moves the analysis' share 21 and 15 SE.
+  assert 0.05 < trained.mean() < 0.99
+  assert abs(trained.mean() - analysed.mean()) < 4.4 * standard_error, (
+      trained.mean(), analysed.mean(), standard_error)
