@@ -179,6 +179,8 @@ class Setup(NamedTuple):
 
 
 def setup(config, mesh) -> Setup:
+  """`build` placed on `mesh`: the state's shardings (data parallel, FSDP), its sharded
+  initialiser and the jitted steps."""
   model, trainer, init, abstract = build(config)
   state_sharding = sharding.state_shardings(abstract, mesh, config.mesh.fsdp_min_size)
   batch_sharding = sharding.batch_sharding(mesh)
@@ -186,7 +188,7 @@ def setup(config, mesh) -> Setup:
                jax.jit(init, out_shardings=state_sharding),
                make_train_step(trainer, state_sharding, batch_sharding,
                                sharding.replicated(mesh)),
-               make_predict_step(model, config.tasks, batch_sharding))
+               make_predict_step(model, tuple(config.tasks), batch_sharding))
 
 
 def dummy_labels(task_names, image_shape):

@@ -5,12 +5,11 @@ import pathlib
 import socket
 
 import jax
-
 import pytest
 
 from cmtdp_jax import sharding, train
-from tests.conftest import tiny_config
 from tests import same_training
+from tests.conftest import tiny_config
 from tests.test_cli import checkpoint_state, run_main, start_main
 from tests.test_train_step import trained_run
 

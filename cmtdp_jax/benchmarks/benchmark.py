@@ -4,9 +4,9 @@
   python -m cmtdp_jax.benchmarks.benchmark --config configs/nyud_hrnet18_baseline.py \
       --config.model.dtype=bfloat16 --compare_torch
 
-Model, state, train and predict steps come from `steps.setup`, as in `train.py`, fed with random in-memory batches of the config's
-shapes, so this path imports no TensorFlow and runs on any accelerator
-machine. Both are measured with the contrastive regularizer off and on: the
+Model, state, train and predict steps come from `steps.setup`, as in
+`train.py`, fed with random in-memory batches of the config's shapes, so this
+path imports no TensorFlow and runs on any accelerator machine. Both are measured with the contrastive regularizer off and on: the
 ratio of the train step times is its overhead, and the predict step must cost
 exactly the same FLOPs either way. The tf.data pipeline is timed only where
 TensorFlow is importable, and evaluation (all task metrics, SEISM odsF
@@ -169,7 +169,7 @@ def benchmark_variant(config, mesh, num_steps: int, warmup: int, pipelined: bool
   """Times the train step, then the predict step, of one config.
 
   With `profile_dir`, the pipelined steps are also recorded by `jax.profiler`.
-  With `torch_step` (a PyTorch train step, `tools/bench_torch.py`), the timed
+  With `torch_step` (a PyTorch train step, `bench_torch.py`), the timed
   steps alternate between the two frameworks, one JAX step then one PyTorch
   step, so that both see the same machine load; the PyTorch times are returned
   as `interleaved_seconds` with JAX's.

@@ -51,7 +51,6 @@ def random_scale(example, seed, min_scale, max_scale):
     expanded = label[..., None] if label.shape.rank == 2 else label
     resized = tf.image.resize(expanded, size, method='nearest')
     out[task] = resized[..., 0] if label.shape.rank == 2 else resized
-  for task in _label_keys(example):
     if tasks_lib.get_task(task).label_kind == tasks_lib.DEPTH:  # metres seen from closer
       out[task] = out[task] / scale
   return out

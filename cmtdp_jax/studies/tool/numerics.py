@@ -83,8 +83,8 @@ def numerics_fingerprint(config, probe_steps: int = 2) -> dict:
   """
   import jax  # pylint: disable=import-outside-toplevel
   import jaxlib  # pylint: disable=import-outside-toplevel
-  from cmtdp_jax.benchmarks import benchmark  # pylint: disable=import-outside-toplevel
   from cmtdp_jax import sharding, steps  # pylint: disable=import-outside-toplevel
+  from cmtdp_jax.benchmarks import benchmark  # pylint: disable=import-outside-toplevel
   probes = {}
   for name, enable, partial in (('off', False, False), ('on', True, False),
                                 ('partial', True, True)):
