@@ -24,11 +24,11 @@ SHAPE = (2, 32, 48, 3)  # odd coarse sizes (1x2 at stride 32) exercise the resiz
 FAST = {'xla_backend_optimization_level': 0}
 CONCAT = sum(8 * 2 ** i for i in range(4))  # compact width 8: all four scales
 # Task feature widths by default: the baseline's C/4, hrnet_head's and
-# mtinet's full concatenation (HighResolutionHead), padnet's 256.
+# mtinet's full concatenation (HighResolutionHead), padnet's 256, segnet's the finest map's.
 FEATURE_WIDTHS = {'baseline': CONCAT // 4, 'single_task': CONCAT // 4, 'hrnet_head': CONCAT,
-                  'padnet': 256, 'mtinet': CONCAT, 'vit_mt': CONCAT // 4}
+                  'padnet': 256, 'mtinet': CONCAT, 'vit_mt': CONCAT // 4, 'segnet': 8}
 AUX_NAMES = {'baseline': (), 'hrnet_head': (), 'single_task': (), 'padnet': ('initial',),
-             'mtinet': ('scale0', 'scale1', 'scale2', 'scale3'), 'vit_mt': ()}
+             'mtinet': ('scale0', 'scale1', 'scale2', 'scale3'), 'vit_mt': (), 'segnet': ()}
 
 
 def model_config(framework, dtype='float32', head_channels=None):

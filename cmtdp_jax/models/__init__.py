@@ -20,6 +20,7 @@ FRAMEWORKS = {
     'mtinet': frameworks.MTINet,
     'single_task': frameworks.SingleTask,
     'vit_mt': frameworks.ViTMultiTask,
+    'segnet': frameworks.SegNetHeads,
 }
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}

@@ -20,6 +20,10 @@ The position embedding's grid sets the backbone's `img_size` (384 for
 'Transformer/encoderblock_0/MultiHeadDotProductAttention_1/query/kernel', ...)
 are first renamed to timm's keys by `vit_npz_to_timm`, as timm's
 `vision_transformer._load_weights` does.
+
+MTPSL / MTAN SegNet checkpoints (trunk and task heads) convert to the whole
+`segnet` framework with `convert_segnet_state_dict`; `pred_task<k>` become
+the k-th task's `<task>_head` / `<task>_pred`, and `logsigma` is skipped.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from __future__ import annotations
 import functools
 import math
 import re
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -283,3 +287,86 @@ def vit_npz_to_timm(arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     state[f'blocks.{index}.attn.qkv.{"weight" if leaf == "kernel" else "bias"}'] = (
         np.concatenate(fused))
   return state
+
+
+# MTPSL / MTAN split SegNet (VICO-UoE/MTPSL model/segnet_mtl.py). Its state_dict
+# also holds `logsigma`, the three log-variances of uncertainty loss weighting
+# (Kendall et al., 2018), which is not ported: the key is expected and skipped.
+SEGNET_SKIPPED_KEYS = ('logsigma',)
+SEGNET_WIDTHS = (64, 128, 256, 512, 512)
+_SEGNET_HEAD = re.compile(r'pred_task(\d+)\.([01])\.(weight|bias)')
+
+
+@functools.cache
+def _segnet_shapes(task_channels: tuple[tuple[str, int], ...],
+                   widths: tuple[int, ...]) -> dict[tuple[str, ...], tuple[int, ...]]:
+  from cmtdp_jax.models.frameworks import SegNetHeads  # pylint: disable=import-outside-toplevel
+  model = SegNetHeads(backbone=get_backbone('segnet', widths=widths), task_channels=task_channels)
+  variables = jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0),
+                             jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32))
+  return {path: tuple(leaf.shape) for path, leaf in traverse_util.flatten_dict(variables).items()}
+
+
+def _segnet_path(key: str, ndim: int, tasks: tuple[str, ...]) -> tuple[str, ...] | None:
+  """'conv_block_enc.2.1.0.weight' -> ('params', 'backbone', 'conv_block_enc_2_1_0', 'kernel');
+  'pred_task2.0.bias' -> ('params', '<second task>_head', 'bias'). None if it names nothing."""
+  head = _SEGNET_HEAD.fullmatch(key)
+  if head:
+    index, layer, leaf = int(head.group(1)) - 1, head.group(2), head.group(3)
+    if not 0 <= index < len(tasks):
+      return None
+    return ('params', f"{tasks[index]}_{'head' if layer == '0' else 'pred'}",
+            'kernel' if leaf == 'weight' else 'bias')
+  path = torch_to_flax_path(key, ndim)
+  return None if path is None else (path[0], 'backbone', *path[1:])
+
+
+def _segnet_key(path: tuple[str, ...], tasks: tuple[str, ...]) -> str:
+  """Inverse of `_segnet_path`, to name missing keys."""
+  if path[1] == 'backbone':
+    return flax_to_torch_key((path[0], *path[2:]))
+  task, _, layer = path[1].rpartition('_')
+  return f"pred_task{tasks.index(task) + 1}.{0 if layer == 'head' else 1}.{_TORCH_LEAF[path[2]]}"
+
+
+def convert_segnet_state_dict(state_dict: Mapping[str, Any],
+                              task_channels: Sequence[tuple[str, int]],
+                              widths: Sequence[int] = SEGNET_WIDTHS) -> dict[str, Any]:
+  """MTPSL/MTAN SegNet state_dict (numpy arrays; a MTPSL checkpoint's 'state_dict') ->
+  variables of the `segnet` framework.
+
+  `task_channels` = ((task, output channels), ...) in the checkpoint's order:
+  pred_task1 is the first task's head, pred_task2 the second's, ... (MTPSL's
+  NYUv2 model: (('semseg', 13), ('depth', 1), ('normals', 3))). Returns
+  {'params': ..., 'batch_stats': ...} for `SegNetHeads(segnet(widths=widths),
+  task_channels)`, i.e. `models.get_model` with framework and backbone 'segnet'.
+  num_batches_tracked and `logsigma` (uncertainty weighting, not ported) are
+  skipped. Raises CheckpointMismatchError naming every missing, unexpected or
+  mis-shaped key, in PyTorch names.
+  """
+  task_channels = tuple((str(t), int(c)) for t, c in task_channels)
+  tasks = tuple(t for t, _ in task_channels)
+  expected = _segnet_shapes(task_channels, tuple(widths))
+  flat, unexpected, misshaped = {}, [], []
+  for key, value in state_dict.items():
+    if key.endswith('num_batches_tracked') or key in SEGNET_SKIPPED_KEYS:
+      continue
+    value = np.asarray(value, np.float32)
+    path = _segnet_path(key, value.ndim, tasks)
+    if path not in expected:
+      unexpected.append(key)
+      continue
+    if path[-1] == 'kernel':
+      value = value.transpose(2, 3, 1, 0) if value.ndim == 4 else value
+    if value.shape != expected[path]:
+      want = expected[path]
+      if path[-1] == 'kernel' and len(want) == 4:
+        want = (want[3], want[2], want[0], want[1])
+      misshaped.append(f'{key} {np.shape(state_dict[key])}, model wants {want}')
+    flat[path] = value
+  missing = [_segnet_key(p, tasks) for p in expected if p not in flat]
+  if missing or unexpected or misshaped:
+    raise CheckpointMismatchError(_mismatch_report(
+        f'state_dict does not match segnet with tasks {task_channels} and widths '
+        f'{tuple(widths)}', missing, unexpected, misshaped))
+  return traverse_util.unflatten_dict(flat)

@@ -23,7 +23,7 @@ from typing import Any, ClassVar, Mapping, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from cmtdp_jax.models.backbones import vit
+from cmtdp_jax.models.backbones import segnet, vit
 from cmtdp_jax.models.backbones.resnet import BasicBlock, Bottleneck
 from cmtdp_jax.models.layers import ConvBN, Dtype, resize_to
 
@@ -367,5 +367,37 @@ class ViTMultiTask(nn.Module):
       width = self.head_channels or max(shared.shape[-1] // MultiTaskBaseline.width_divisor, 1)
       raw, features[task] = prediction_head(shared, task, width, out_channels,
                                             MultiTaskBaseline.kernel, self.dtype, train)
+      predictions[task] = to_input_resolution(raw, images)
+    return predictions, features
+
+
+class SegNetHeads(nn.Module):
+  """MTAN's task heads (lorenmt/mtan; VICO-UoE/MTPSL model/segnet_mtl.py, `pred_task*`).
+
+  Made for the `segnet` backbone (any backbone works): on its finest map, per
+  task a 3x3 conv with bias (`{task}_head`, its output is the task's feature,
+  no normalisation or activation) and a 1x1 conv with bias (`{task}_pred`),
+  upsampled to the input size when the map is coarser. The outputs are raw:
+  the reference's log_softmax and normal normalisation are the tasks' losses
+  and `decode` here.
+
+  Attributes:
+    head_channels: width of each task's feature; None = the finest map's width.
+  """
+  backbone: nn.Module
+  task_channels: Sequence[tuple[str, int]]
+  head_channels: int | None = None
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, images, train: bool = False):
+    shared = self.backbone(images, train=train)[0]
+    width = self.head_channels or shared.shape[-1]
+    predictions, features = {}, {}
+    for task, channels in self.task_channels:
+      features[task] = nn.Conv(width, (3, 3), padding=((1, 1), (1, 1)), dtype=self.dtype,
+                               kernel_init=segnet.CONV_INIT, name=f'{task}_head')(shared)
+      raw = nn.Conv(channels, (1, 1), dtype=self.dtype, kernel_init=segnet.CONV_INIT,
+                    name=f'{task}_pred')(features[task])
       predictions[task] = to_input_resolution(raw, images)
     return predictions, features

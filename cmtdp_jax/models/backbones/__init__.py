@@ -14,7 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from cmtdp_jax.models.backbones import compact, hrnet, resnet, vit
+from cmtdp_jax.models.backbones import compact, hrnet, resnet, segnet, vit
 
 BACKBONES: dict[str, Callable[..., nn.Module]] = {
     'compact': compact.CompactBackbone,
@@ -22,6 +22,7 @@ BACKBONES: dict[str, Callable[..., nn.Module]] = {
     'hrnet_w48': hrnet.hrnet_w48,
     'resnet50': resnet.resnet50,
     'resnet101': resnet.resnet101,
+    'segnet': segnet.segnet,
     'vit_s16': vit.vit_s16,
     'vit_b16': vit.vit_b16,
     'vit_l16': vit.vit_l16,
