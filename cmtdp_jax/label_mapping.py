@@ -19,6 +19,14 @@ different training seeds share a mapping). `config.data.label_mapping=PATH`
 reads a user's mapping in the same format instead; it must name every training
 image (a missing one is an error, not silently unlabelled).
 
+It also reads the split files the field publishes, as they are (`read_published`;
+`python -m cmtdp_jax.tools.convert_split` turns one into JSON): MTPSL's and JTR's
+`.pth` ({'labels_weights': [N, T] 0/1 tensor}, row i = image id 'i', MTAN's
+`train/*/{i}.npy`), MTPSL's PASCAL `.npy` (a dict from task to image ids) and
+DiffusionMTL's `.pth` (a dict from image id to a 0/1 list). A row's columns are
+the tasks of the dataset's `DatasetSpec.split_columns`. These files are pickles:
+`pickled.load` reads them without running anything in them.
+
 A run keeps its mapping in `<workdir>/label_mapping.json` (`FILENAME`): a JSON
 object from image id to its sorted task list, keys sorted, written once at the
 first start; a resume of a checkpoint reads it back. Image ids are the dataset's 'id' feature
@@ -38,6 +46,8 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from cmtdp_jax import atomic_json
+from cmtdp_jax import data as data_lib
+from cmtdp_jax import pickled
 
 MODES = ('', 'one_label', 'random')
 FILENAME = 'label_mapping.json'
@@ -119,9 +129,101 @@ def _parse(path: str):
     raise ValueError(f'{path}: not valid JSON ({e})') from None
 
 
-def read(path: str, ids: Sequence[str], tasks: Sequence[str]) -> LabelMapping:
-  """The mapping in JSON file `path`, checked against the split's `ids` and `tasks`."""
-  return validate(_parse(path), ids, tasks, path)
+PUBLISHED_SUFFIXES = ('.pth', '.npy')
+
+
+def is_published(path: str) -> bool:
+  """Whether `path` is one of the field's pickled split files rather than our JSON."""
+  return path.endswith(PUBLISHED_SUFFIXES)
+
+
+def _matching_datasets(columns: int, rows: int | None = None) -> str:
+  names = [s.name for s in data_lib.DATASETS.values() if len(s.split_columns) == columns
+           and (rows is None or s.train_images == rows)]
+  return f" (it fits {', '.join(names)})" if names else ''
+
+
+def _zero_one(path: str, rows: np.ndarray) -> np.ndarray:
+  if rows.size and not np.isin(rows, (0, 1)).all():
+    raise ValueError(f'{path}: label weights must be 0 or 1, found '
+                     f'{sorted(set(np.unique(rows).tolist()) - {0, 1})[:5]}')
+  return rows.astype(bool)
+
+
+def _from_rows(path: str, rows: np.ndarray, ids: Sequence[str], columns) -> dict:
+  """MTPSL / JTR: row i of a [N, T] 0/1 matrix is image 'i'."""
+  if rows.ndim != 2:
+    raise ValueError(f"{path}: 'labels_weights' has shape {rows.shape}, not [images, tasks]")
+  if rows.shape[1] != len(columns):
+    raise ValueError(f'{path}: rows of {rows.shape[1]} tasks, but this dataset\'s published '
+                     f"files have {len(columns)} ({', '.join(columns)}): a split file of "
+                     f'another dataset{_matching_datasets(rows.shape[1])}?')
+  if rows.shape[0] != len(ids):
+    raise ValueError(f'{path}: {rows.shape[0]} rows, but the train split has {len(ids)} '
+                     'images: a split file of another dataset'
+                     f'{_matching_datasets(rows.shape[1], rows.shape[0])}?')
+  kept = _zero_one(path, rows)
+  return {str(i): [t for t, k in zip(columns, row) if k] for i, row in enumerate(kept)}
+
+
+def _from_task_lists(path: str, lists: dict) -> dict:
+  """MTPSL's PASCAL .npy: {task: [image ids]}."""
+  values = collections.defaultdict(list)
+  for task, image_ids in lists.items():
+    if not isinstance(image_ids, list) or not all(isinstance(i, str) for i in image_ids):
+      raise ValueError(f"{path}: task '{task}' maps to {type(image_ids).__name__}, not a list "
+                       'of image ids')
+    for image_id in image_ids:
+      values[image_id].append(task)
+  return dict(values)
+
+
+def _from_id_rows(path: str, rows: dict, columns) -> dict:
+  """DiffusionMTL: {image id: 0/1 per column}."""
+  values = {}
+  for image_id, row in rows.items():
+    row = np.asarray(row)
+    if row.shape != (len(columns),):
+      raise ValueError(f"{path}: image '{image_id}' has {row.size} label weights, but this "
+                       f"dataset's published files have {len(columns)} ({', '.join(columns)}): "
+                       f'a split file of another dataset{_matching_datasets(row.size)}?')
+    values[str(image_id)] = [t for t, k in zip(columns, _zero_one(path, row)) if k]
+  return values
+
+
+def read_published(path: str, dataset: str, ids: Sequence[str]) -> dict[str, list[str]]:
+  """{image id: [tasks]} of a published split file for `dataset`, whose train split
+  has `ids`, before `validate`. One-line ValueError naming the file otherwise."""
+  columns = data_lib.get_dataset_spec(dataset).split_columns
+  if not columns:
+    known = ', '.join(s.name for s in data_lib.DATASETS.values() if s.split_columns)
+    raise ValueError(f"{path}: no published split file is known for config.data.name="
+                     f"'{dataset}' (there are for {known}); give a JSON label mapping")
+  try:
+    value = pickled.load(path)
+  except OSError as e:
+    raise ValueError(f'{path}: cannot read the label mapping ({e.strerror})') from None
+  if isinstance(value, dict) and set(value) == {'labels_weights'} and isinstance(
+      value['labels_weights'], np.ndarray):
+    return _from_rows(path, value['labels_weights'], ids, columns)
+  if isinstance(value, dict) and value and all(isinstance(v, list) for v in value.values()):
+    if all(k in columns for k in value):
+      return _from_task_lists(path, value)
+    return _from_id_rows(path, value, columns)
+  raise ValueError(f'{path}: not a split file of a known layout ({type(value).__name__}; '
+                   "expected {'labels_weights': [images, tasks]}, {task: [ids]} or "
+                   '{id: [0/1 per task]})')
+
+
+def _values(path: str, dataset: str, ids: Sequence[str]):
+  return read_published(path, dataset, ids) if is_published(path) else _parse(path)
+
+
+def read(path: str, ids: Sequence[str], tasks: Sequence[str],
+         dataset: str = '') -> LabelMapping:
+  """The mapping in file `path` (our JSON, or a published file of `dataset`), checked
+  against the split's `ids` and `tasks`."""
+  return validate(_values(path, dataset, ids), ids, tasks, path)
 
 
 def _text(mapping: Mapping[str, Sequence[str]]) -> str:
@@ -207,14 +309,14 @@ def _fields_read(data: Mapping) -> set[str]:
           | ({'label_fraction'} if mode == 'random' else set()))
 
 
-def _same_as_saved(path: str, workdir: str) -> bool:
+def _same_as_saved(path: str, workdir: str, dataset: str) -> bool:
   """Whether file `path` holds the mapping saved in `workdir` (task order aside)."""
   try:
     saved = load(workdir)
     if saved is None:
       return False
     saved_tasks = sorted({t for image_tasks in saved.values() for t in image_tasks})
-    return validate(_parse(path), list(saved), saved_tasks, path) == saved
+    return read(path, list(saved), saved_tasks, dataset) == saved
   except ValueError:  # unreadable, or another image or task: not the same
     return False
 
@@ -227,7 +329,7 @@ def resume_free_fields(old_data: Mapping, new_data: Mapping, workdir: str) -> se
   unread = {'label_fraction', 'partial_labels_seed'} - _fields_read(old_data) - _fields_read(
       new_data)
   if old_data['label_mapping'] and new_data['label_mapping'] and _same_as_saved(
-      new_data['label_mapping'], workdir):
+      new_data['label_mapping'], workdir, new_data['name']):
     unread.add('label_mapping')
   return {f'data.{field}' for field in unread}
 
@@ -249,6 +351,6 @@ def for_run(data_config, tasks: Sequence[str], ids: Sequence[str], workdir: str,
   if resuming and os.path.exists(saved_path):
     return read(saved_path, ids, tasks)
   if data_config.label_mapping:
-    return read(data_config.label_mapping, ids, tasks)
+    return read(data_config.label_mapping, ids, tasks, data_config.name)
   return draw(ids, tasks, data_config.partial_labels, data_config.label_fraction,
               data_config.partial_labels_seed)

@@ -27,6 +27,11 @@ class DatasetSpec:
                   'with the same --data_dir')
   train_split: str = 'train'
   eval_split: str = 'validation'
+  # The field's published split files (MTPSL, JTR, DiffusionMTL; `label_mapping`): the task of
+  # each column of their per-image 0/1 rows, and how many training images they cover; () =
+  # no published file is known for this dataset.
+  split_columns: tuple[str, ...] = ()
+  train_images: int | None = None
 
   def make_builder(self, data_config):
     """Returns the TFDS builder for `data_config` (imports TensorFlow)."""
@@ -42,7 +47,20 @@ DATASETS = {
     'pascal_context': DatasetSpec('pascal_context',
                                   ('semseg', 'human_parts', 'sal', 'normals', 'edge'),
                                   {'semseg': 21, 'human_parts': 7},
-                                  'cmtdp_jax.data.pascal_context'),
+                                  'cmtdp_jax.data.pascal_context',
+                                  # DiffusionMTL utils/config.py: the order of p.TASKS.NAMES
+                                  split_columns=('semseg', 'human_parts', 'sal', 'normals',
+                                                 'edge'),
+                                  train_images=4998),
+    # MTAN's preprocessed NYUv2 and Cityscapes (lorenmt/mtan create_dataset.py), the data of
+    # the partial-label benchmark; split columns: MTPSL nyu_mtl_xtc.py `tasks`,
+    # cityscapes_mtl_xtc.py.
+    'nyuv2_mtan': DatasetSpec('nyuv2_mtan', ('semseg', 'depth', 'normals'), {'semseg': 13},
+                              'cmtdp_jax.data.mtan', split_columns=('semseg', 'depth', 'normals'),
+                              train_images=795),
+    'cityscapes_mtan': DatasetSpec('cityscapes_mtan', ('semseg', 'depth'), {'semseg': 7},
+                                   'cmtdp_jax.data.mtan', split_columns=('semseg', 'depth'),
+                                   train_images=2975),
 }
 
 

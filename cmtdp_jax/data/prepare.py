@@ -26,7 +26,7 @@ from cmtdp_jax import data as data_lib
 from cmtdp_jax import tasks as tasks_lib
 from cmtdp_jax.data import folder_io
 
-DATASETS = ('nyud', 'pascal_context')
+DATASETS = ('nyud', 'pascal_context', 'nyuv2_mtan', 'cityscapes_mtan')
 
 
 def class_shares(builder, split, task_names):
