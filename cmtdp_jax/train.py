@@ -278,6 +278,10 @@ def _evaluate_and_write(config, workdir, model, state, eval_source, mesh, step, 
   outputs = visualize.EvalOutputs.from_config(config, workdir, step, writer)
   results = run_evaluation(config, model, state, eval_source, mesh, outputs)
   logging.info('Evaluated step %d in %.1fs', step, time.time() - start)
+  if config.eval.delta_m_reference:  # its tasks are trained (config_lib.validate)
+    delta = evaluation.delta_m_against(results, config.eval.delta_m_reference)
+    if delta.value is not None:
+      results['delta_m'] = delta.value
   if jax.process_index() == 0:
     os.makedirs(os.path.join(workdir, 'eval'), exist_ok=True)
     atomic_json.write_json(os.path.join(workdir, 'eval', f'step_{step}.json'), results,

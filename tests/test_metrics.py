@@ -38,7 +38,10 @@ def test_miou_matches_brute_force_with_ignore_and_absent_classes(task, num_class
   metric.update(preds[:2], labels[:2])
   metric.update(preds[2], labels[2])  # a single image
   expected = _brute_miou(preds, labels, num_classes)
-  assert metric.result() == {f'{task}/mIoU': pytest.approx(expected)}
+  valid = labels != IGNORE
+  accuracy = 100.0 * np.sum(preds[valid] == labels[valid]) / np.sum(valid)
+  assert metric.result() == {f'{task}/mIoU': pytest.approx(expected),
+                             f'{task}/pixel_accuracy': pytest.approx(accuracy)}
 
 
 def test_miou_rejects_out_of_range_class_ids():
@@ -60,6 +63,7 @@ def test_depth_matches_brute_force():
   positive = np.clip(depth, 1e-9, None)
   result = metric.result()
   assert result['depth/rmse'] == pytest.approx(np.sqrt(np.mean((depth - gt) ** 2)))
+  assert result['depth/abs_err'] == pytest.approx(np.mean(np.abs(depth - gt)))
   assert result['depth/log_rmse'] == pytest.approx(
       np.sqrt(np.mean((np.log(positive) - np.log(gt)) ** 2)))
   assert result['depth/abs_rel'] == pytest.approx(np.mean(np.abs(depth - gt) / gt))
@@ -204,3 +208,152 @@ def test_shape_mismatch_is_an_error():
 def test_ignore_label_matches_tasks():
   from cmtdp_jax import tasks  # pylint: disable=import-outside-toplevel
   assert metrics.IGNORE_LABEL == tasks.IGNORE_LABEL
+
+
+# MTPSL's meters (VICO-UoE/MTPSL utils/evaluation.py: ConfMatrix, DepthMeter, NormalsMeter),
+# transcribed from torch to NumPy line by line, in float64, with their layouts: class ids
+# flattened, depth [B, 1, H, W], normals [B, 3, H, W]. The partial-label benchmark (MTPSL,
+# JTR) reports what these compute.
+
+
+class _MtpslConfMatrix:
+
+  def __init__(self, num_classes):
+    self.num_classes = num_classes
+    self.mat = None
+
+  def update(self, pred, target):
+    n = self.num_classes
+    if self.mat is None:
+      self.mat = np.zeros((n, n), np.int64)
+    k = (target >= 0) & (target < n)  # their ignore label is -1; ours (255) is >= n
+    inds = n * target[k].astype(np.int64) + pred[k]
+    self.mat += np.bincount(inds, minlength=n ** 2).reshape(n, n)
+
+  def get_metrics(self):
+    h = self.mat.astype(np.float64)
+    acc = np.diag(h).sum() / h.sum()
+    with np.errstate(invalid='ignore'):
+      iu = np.diag(h) / (h.sum(1) + h.sum(0) - np.diag(h))
+    return np.mean(iu), acc
+
+
+class _MtpslDepthMeter:
+
+  def __init__(self):
+    self.total_rmses = self.total_l1 = self.total_log_rmses = self.n_valid = 0.0
+
+  def update(self, pred, gt):
+    pred, gt = pred.squeeze(), gt.squeeze()
+    mask = gt != 0
+    self.n_valid += mask.sum()
+    pred = np.maximum(pred, 1e-9)  # torch.clamp(pred, min=1e-9)
+    with np.errstate(divide='ignore'):  # log(0) of invalid pixels, masked next
+      log_rmse_tmp = (np.log(gt) - np.log(pred)) ** 2
+    self.total_log_rmses += log_rmse_tmp[mask].sum()
+    pred, gt = pred[mask], gt[mask]
+    self.total_rmses += (np.abs(gt - pred) ** 2).sum()
+    self.total_l1 += np.abs(gt - pred).sum()
+
+  def get_score(self):
+    return {'rmse': np.sqrt(self.total_rmses / self.n_valid),
+            'l1': self.total_l1 / self.n_valid,
+            'log_rmse': np.sqrt(self.total_log_rmses / self.n_valid)}
+
+
+class _MtpslNormalsMeter:
+
+  def __init__(self):
+    self.eval_dict = {'mean': 0., 'rmse': 0., '11.25': 0., '22.5': 0., '30': 0., 'n': 0}
+
+  def update(self, pred, gt):
+    valid_mask = np.sum(gt, axis=1) != 0
+    deg_diff_tmp = (180 / np.pi) * np.arccos(np.clip(np.sum(pred * gt, 1)[valid_mask], -1, 1))
+    self.eval_dict['mean'] += np.sum(deg_diff_tmp)
+    self.eval_dict['rmse'] += np.sum(deg_diff_tmp ** 2)
+    for key, threshold in (('11.25', 11.25), ('22.5', 22.5), ('30', 30)):
+      self.eval_dict[key] += np.sum(deg_diff_tmp < threshold) * 100
+    self.eval_dict['n'] += deg_diff_tmp.size
+
+  def get_score(self):
+    n = self.eval_dict['n']
+    return {'mean': self.eval_dict['mean'] / n, 'rmse': np.sqrt(self.eval_dict['rmse'] / n),
+            **{key: self.eval_dict[key] / n for key in ('11.25', '22.5', '30')}}
+
+
+def _unit_vectors(rng, shape):
+  vectors = rng.normal(size=shape)
+  return vectors / np.linalg.norm(vectors, axis=-1, keepdims=True)
+
+
+def test_metrics_equal_mtpsl_meters_over_several_batches():
+  """Our pooled metrics are MTPSL's numbers, under our names: mIoU and pixel accuracy in
+  percent (theirs are fractions), depth abs_err = their 'l1', rmse; normals mean, rmse and
+  the three shares. Relative 1e-6: float64 sums in another order agree to ~1e-15; depth
+  differs where a prediction is negative (we clamp at 0, they at 1e-9: <= 1e-9 per pixel,
+  on values of order 1); our angle is 2*atan2(|p - g|, |p + g|), theirs arccos(p . g), which
+  in float64 loses at most sqrt(2 * 1.1e-16) rad = 1e-6 degrees, near 0 degrees only, against
+  a mean angle of tens of degrees."""
+  rng = np.random.default_rng(7)
+  ours = {'semseg': evaluation.make_metric('semseg', num_classes=13),
+          'depth': evaluation.make_metric('depth'), 'normals': evaluation.make_metric('normals')}
+  conf_mat, depth_mat, normal_mat = _MtpslConfMatrix(13), _MtpslDepthMeter(), _MtpslNormalsMeter()
+  for batch in (3, 1, 2):
+    shape = (batch, 12, 16)
+    labels = _labels(rng, shape, 13)
+    preds = np.where(rng.random(shape) < 0.4, labels % 13, rng.integers(0, 13, shape))
+    ours['semseg'].update(preds, labels)
+    conf_mat.update(preds.ravel(), labels.ravel())
+
+    depth = rng.uniform(0.5, 10.0, shape) * (rng.random(shape) > 0.2)  # 0: invalid
+    depth_pred = depth + rng.normal(0, 1.0, shape)
+    depth_pred[0, 0, :4] = -0.5  # clamped: at 0 by us, at 1e-9 by MTPSL
+    ours['depth'].update(depth_pred, depth)
+    depth_mat.update(depth_pred[:, None], depth[:, None])
+
+    normals = _unit_vectors(rng, shape + (3,)) * (rng.random(shape) > 0.2)[..., None]
+    normals_pred = _unit_vectors(rng, shape + (3,)) * 0.8 + normals  # up to 53 degrees off
+    normals_pred /= np.linalg.norm(normals_pred, axis=-1, keepdims=True)  # their model's output
+    normals_pred[0, 0, 0] = 0.0  # a zero prediction: 90 degrees for both
+    normals[0, 0, 0] = _unit_vectors(rng, (3,))
+    ours['normals'].update(normals_pred, normals)
+    normal_mat.update(normals_pred.transpose(0, 3, 1, 2), normals.transpose(0, 3, 1, 2))
+  results = {k: v for metric in ours.values() for k, v in metric.result().items()}
+  miou, accuracy = conf_mat.get_metrics()
+  depth_score, normal_score = depth_mat.get_score(), normal_mat.get_score()
+  expected = {
+      'semseg/mIoU': 100 * miou, 'semseg/pixel_accuracy': 100 * accuracy,
+      'depth/abs_err': depth_score['l1'], 'depth/rmse': depth_score['rmse'],
+      'depth/log_rmse': depth_score['log_rmse'],
+      **{f'normals/{key}': normal_score[key] for key in ('mean', 'rmse', '11.25', '22.5', '30')}}
+  assert {k: results[k] for k in expected} == pytest.approx(expected, rel=1e-6, abs=0)
+  assert 0 < normal_score['11.25'] < normal_score['22.5'] < normal_score['30'] < 100
+
+
+def test_a_class_absent_from_labels_and_predictions_is_0_for_us_nan_for_mtpsl():
+  """The one documented difference from MTPSL's ConfMatrix (SegmentationMetric's docstring):
+  a class neither labelled nor predicted is an IoU of 0 in our mean, NaN in theirs."""
+  labels = np.array([[0, 1], [1, IGNORE]])
+  preds = np.array([[0, 1], [0, 2]])  # class 2 only on the ignored pixel: absent, as is 3
+  metric = evaluation.make_metric('semseg', num_classes=4)
+  metric.update(preds, labels)
+  conf_mat = _MtpslConfMatrix(4)
+  conf_mat.update(preds.ravel(), labels.ravel())
+  miou, accuracy = conf_mat.get_metrics()
+  assert np.isnan(miou) and accuracy == pytest.approx(2 / 3)
+  assert metric.result() == {'semseg/mIoU': pytest.approx(100 * (0.5 + 0.5 + 0 + 0) / 4),
+                             'semseg/pixel_accuracy': pytest.approx(100 * 2 / 3)}
+
+
+def test_lower_is_better_follows_the_metric_keys():
+  """delta_m's sign: every error metric the depth and normals metrics report is
+  lower-is-better (e.g. 'depth/abs_err', a reference's key that is no primary metric), the
+  tasks' lower-is-better primary metrics are among them, scores are not."""
+  depth = evaluation.make_metric('depth').result()
+  normals = evaluation.make_metric('normals').result()
+  errors = {'depth/rmse', 'depth/abs_err', 'depth/log_rmse', 'depth/abs_rel',
+            'normals/mean', 'normals/median', 'normals/rmse'}
+  assert evaluation.LOWER_IS_BETTER == errors
+  assert errors <= set(depth) | set(normals)
+  assert {'depth/delta1', 'normals/11.25', 'semseg/mIoU', 'semseg/pixel_accuracy'}.isdisjoint(
+      evaluation.LOWER_IS_BETTER)

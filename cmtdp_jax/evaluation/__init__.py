@@ -4,11 +4,14 @@
 `result() -> {'<task>/<metric>': value}`, `state` / `from_state` (dicts of
 numpy arrays that merge by summation, for gathering across hosts) and
 `merge(other)`. Defaults follow the NYUD protocol. Keys and units:
-  semseg/mIoU, human_parts/mIoU, sal/maxF, sal/mIoU, edge/odsF, edge/oisF,
+  semseg/mIoU, semseg/pixel_accuracy, human_parts/mIoU,
+  human_parts/pixel_accuracy, sal/maxF, sal/mIoU, edge/odsF, edge/oisF,
   edge/AP, normals/11.25, normals/22.5, normals/30: percent;
-  depth/rmse: metres; depth/log_rmse, depth/abs_rel: plain; depth/delta1:
-  fraction; normals/mean, normals/median, normals/rmse: degrees;
+  depth/rmse, depth/abs_err: metres; depth/log_rmse, depth/abs_rel: plain;
+  depth/delta1: fraction; normals/mean, normals/median, normals/rmse: degrees;
   edge/ods_threshold: the threshold of the ODS point.
+A run with `config.eval.delta_m_reference` also writes delta_m (percent)
+against that named single-task reference (`DELTA_M_REFERENCES`).
 """
 
 from cmtdp_jax import tasks as tasks_lib
@@ -20,8 +23,11 @@ from cmtdp_jax.evaluation.metrics import Metric
 from cmtdp_jax.evaluation.metrics import NormalsMetric
 from cmtdp_jax.evaluation.metrics import SaliencyMetric
 from cmtdp_jax.evaluation.metrics import SegmentationMetric
+from cmtdp_jax.evaluation.report import DELTA_M_REFERENCES
 from cmtdp_jax.evaluation.report import DeltaM
 from cmtdp_jax.evaluation.report import delta_m
+from cmtdp_jax.evaluation.report import delta_m_against
+from cmtdp_jax.evaluation.report import DeltaMReference
 from cmtdp_jax.evaluation.report import format_table
 from cmtdp_jax.evaluation.report import load_single_task_results
 from cmtdp_jax.evaluation.report import LOWER_IS_BETTER

@@ -30,6 +30,9 @@ class Metric:
 
   task: str
   image_ndim = 2  # dims of one label map; normals use 3
+  # The result names (after '<task>/') of error metrics, for delta_m's sign
+  # (report.LOWER_IS_BETTER); the others are higher-is-better or not scores.
+  lower_is_better: tuple[str, ...] = ()
 
   def __init__(self, image_ids=None):
     self.image_ids = None if image_ids is None else frozenset(image_ids)
@@ -100,12 +103,16 @@ class Metric:
 
 
 class SegmentationMetric(Metric):
-  """mIoU from a confusion matrix pooled over all valid pixels.
+  """mIoU and pixel accuracy from one confusion matrix pooled over all valid pixels.
 
   Absent classes (in neither the labels nor the predictions) count as IoU 0
   and stay in the mean over `num_classes`, as in both peers (ATRC's MeanIoU
   turns the 0/0 into 0; Multi-Task-Learning-PyTorch divides by max(union,
-  1e-8)). Reported in percent.
+  1e-8)). MTPSL's `ConfMatrix` (VICO-UoE/MTPSL utils/evaluation.py) divides
+  0 by 0 there and its torch.mean turns the whole mIoU into NaN; that only
+  happens on tiny evaluation sets, otherwise the two agree. pixel_accuracy is
+  the diagonal over all valid pixels, as `ConfMatrix.get_metrics`'s acc. Both
+  in percent (MTPSL logs fractions: 'V. mIoU', 'V. Pix').
   """
 
   def __init__(self, task: str, num_classes: int, image_ids=None):
@@ -132,20 +139,30 @@ class SegmentationMetric(Metric):
     hits = np.diag(confusion).astype(np.float64)
     union = confusion.sum(0) + confusion.sum(1) - hits
     iou = np.divide(hits, union, out=np.zeros_like(hits), where=union > 0)
-    return {f'{self.task}/mIoU': 100.0 * float(iou.mean())}
+    pixels = max(float(confusion.sum()), 1.0)
+    return {f'{self.task}/mIoU': 100.0 * float(iou.mean()),
+            f'{self.task}/pixel_accuracy': 100.0 * float(hits.sum()) / pixels}
 
 
 class DepthMetric(Metric):
   """Depth errors pooled over all valid pixels (label > 0).
 
   Predictions are clamped at 0 (ATRC) and at 1e-9 where a log or a ratio needs
-  them positive (Multi-Task-Learning-PyTorch). rmse in metres; log_rmse
-  (natural log) and abs_rel as plain numbers; delta1 as the fraction of pixels
-  with max(pred/label, label/pred) < 1.25, the depth literature's unit.
+  them positive (Multi-Task-Learning-PyTorch). rmse and abs_err (the mean
+  absolute error) in metres; log_rmse (natural log) and abs_rel as plain
+  numbers; delta1 as the fraction of pixels with max(pred/label, label/pred)
+  < 1.25, the depth literature's unit.
+
+  abs_err and rmse are MTPSL's `DepthMeter` 'l1' and 'rmse' (VICO-UoE/MTPSL
+  utils/evaluation.py; its logs call them 'V.abs' and 'V.rel': that 'rel' is
+  the RMSE). DepthMeter clamps predictions at 1e-9 where we clamp at 0, so the
+  two differ by at most 1e-9 per pixel, only where a prediction is below 1e-9.
   """
 
   task = 'depth'
-  _keys = ('pixels', 'squared_error', 'squared_log_error', 'relative_error', 'within_1.25')
+  _keys = ('pixels', 'squared_error', 'absolute_error', 'squared_log_error', 'relative_error',
+           'within_1.25')
+  lower_is_better = ('rmse', 'abs_err', 'log_rmse', 'abs_rel')
 
   def _zero_state(self):
     return {k: np.zeros((), np.float64) for k in self._keys}
@@ -159,6 +176,7 @@ class DepthMetric(Metric):
     state = self._state
     state['pixels'] += label.size
     state['squared_error'] += np.sum((depth - label) ** 2)
+    state['absolute_error'] += np.sum(np.abs(depth - label))
     state['squared_log_error'] += np.sum((np.log(positive) - np.log(label)) ** 2)
     state['relative_error'] += np.sum(np.abs(depth - label) / label)
     state['within_1.25'] += np.count_nonzero(ratio < 1.25)
@@ -168,6 +186,7 @@ class DepthMetric(Metric):
     pixels = max(float(state['pixels']), 1.0)
     return {
         'depth/rmse': float(np.sqrt(state['squared_error'] / pixels)),
+        'depth/abs_err': float(state['absolute_error'] / pixels),
         'depth/log_rmse': float(np.sqrt(state['squared_log_error'] / pixels)),
         'depth/abs_rel': float(state['relative_error'] / pixels),
         'depth/delta1': float(state['within_1.25'] / pixels),
@@ -184,9 +203,16 @@ class NormalsMetric(Metric):
   (Multi-Task-Learning-PyTorch). The median comes from a 0.01-degree
   histogram so that it merges across hosts; it is within 0.01 degrees of the
   exact median.
+
+  mean, rmse and the three shares are MTPSL's `NormalsMeter` (VICO-UoE/MTPSL
+  utils/evaluation.py; its logs call the rmse 'V.Med', it reports no median):
+  the same pooled sums for unit-length predictions (its model normalises them;
+  the meter does not) and unit or zero labels (it takes a pixel as valid where
+  the label's components do not sum to 0, we where its norm is not 0).
   """
 
   task = 'normals'
+  lower_is_better = ('mean', 'median', 'rmse')
   image_ndim = 3
   bin_degrees = 0.01
   thresholds = (11.25, 22.5, 30.0)

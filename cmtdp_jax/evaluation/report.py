@@ -5,6 +5,10 @@ Multi-Task-Learning-PyTorch's calculate_multi_task_performance), with
 s_t = -1 for lower-is-better metrics. A missing baseline makes delta_m
 unavailable (None) and the table says which, instead of crashing or
 averaging over fewer tasks.
+
+Benchmarks whose papers measure delta_m against fixed single-task numbers have
+them here by name (`DELTA_M_REFERENCES`, `delta_m_against`; a run writes it
+with `config.eval.delta_m_reference`).
 """
 
 from __future__ import annotations
@@ -18,10 +22,16 @@ import re
 from typing import Iterable, Mapping
 
 from cmtdp_jax import tasks as tasks_lib
+from cmtdp_jax.evaluation import metrics as metrics_lib
 
 PRIMARY_METRICS = {name: task.primary_metric for name, task in tasks_lib.TASKS.items()}
-LOWER_IS_BETTER = frozenset(task.primary_metric for task in tasks_lib.TASKS.values()
-                            if task.lower_is_better)
+# The keys whose lower values are better: the tasks' primary metrics marked so, and every
+# error metric that the metrics of a fixed task declare (`Metric.lower_is_better`), so
+# that delta_m on a non-primary metric (e.g. a reference's 'depth/abs_err') has its sign.
+LOWER_IS_BETTER = frozenset(
+    [task.primary_metric for task in tasks_lib.TASKS.values() if task.lower_is_better] +
+    [f'{metric.task}/{name}' for metric in (metrics_lib.DepthMetric, metrics_lib.NormalsMetric)
+     for name in metric.lower_is_better])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,13 +91,97 @@ def delta_m(multi_task: Mapping[str, float], single_task: Mapping[str, float] | 
   return DeltaM(value, tuple(rows), tuple(missing))
 
 
-def latest_eval_file(workdir: str) -> str | None:
-  """`<workdir>/eval/step_<N>.json` with the largest N, or None."""
+@dataclasses.dataclass(frozen=True)
+class DeltaMReference:
+  """Fixed single-task results that a benchmark measures delta_m against.
+
+  values: '<task>/<metric>' -> the single-task value, one key per task (the
+    metric delta_m uses for that task, in our units); source: where the numbers
+    are written.
+  """
+  values: Mapping[str, float]
+  source: str
+
+  @property
+  def tasks(self) -> tuple[str, ...]:
+    return tuple(key.partition('/')[0] for key in self.values)
+
+  @property
+  def primary(self) -> dict[str, str]:
+    """task -> metric key, as `delta_m`'s `primary`."""
+    return {key.partition('/')[0]: key for key in self.values}
+
+
+def _reference(source: str, semseg: float, depth: float,
+               normals: float | None = None) -> DeltaMReference:
+  """Single-task numbers of the partial-label benchmark: mIoU in percent, depth abs_err
+  (MTPSL's DepthMeter 'l1', metres), normals mean angle (degrees)."""
+  values = {'semseg/mIoU': semseg, 'depth/abs_err': depth}
+  if normals is not None:
+    values['normals/mean'] = normals
+  return DeltaMReference(values, source)
+
+
+def _mtpsl(script: str, setting: str, semseg: float, depth: float,
+           normals: float | None = None) -> DeltaMReference:
+  """MTPSL's (CVPR 2022) single-task numbers."""
+  return _reference(f"VICO-UoE/MTPSL {script}, stl_performance['{setting}']", semseg, depth,
+                    normals)
+
+
+# MTPSL's delta_m (nyu_mtl_xtc.py, cityscapes_mtl_xtc.py: `mtl_performance`) is this module's
+# delta_m on these keys: +(mIoU - ref)/ref, -(abs_err - ref)/ref, -(mean - ref)/ref, averaged
+# over the tasks, x 100. It picks its reference by the label setting (--ssl-type) and computes
+# it from float32 copies of the metrics (`avg_cost`): < 1e-5 percentage points away. JTR
+# (CVPR 2024) uses the same metrics (code/utils/deltas.py, code/train_nyuv2.py: mIoU, DepthMeter
+# 'l1', NormalsMeter 'mean') with its own single-task numbers, passed on the command lines of
+# its README (`--seg-baseline` ...), and reports the fraction, not percent: the 'jtr_' entries.
+DELTA_M_REFERENCES: dict[str, DeltaMReference] = {
+    'mtpsl_nyuv2_full': _mtpsl('nyu_mtl_xtc.py', 'full', 37.447399999999995, 0.607902,
+                               25.938105),
+    'mtpsl_nyuv2_onelabel': _mtpsl('nyu_mtl_xtc.py', 'onelabel', 26.1113, 0.771502,
+                                   30.073763),
+    'mtpsl_nyuv2_randomlabels': _mtpsl('nyu_mtl_xtc.py', 'randomlabels', 28.7153, 0.754012,
+                                       28.946388),
+    'mtpsl_cityscapes_full': _mtpsl('cityscapes_mtl_xtc.py', 'full', 74.07, 0.0124),
+    'mtpsl_cityscapes_onelabel': _mtpsl('cityscapes_mtl_xtc.py', 'onelabel', 70.04, 0.0140),
+    'jtr_nyuv2_onelabel': _reference('KentoNishi/JTR-CVPR-2024 README.md, NYUv2 onelabel',
+                                     25.75, 0.6511, 33.73),
+    'jtr_nyuv2_randomlabels': _reference(
+        'KentoNishi/JTR-CVPR-2024 README.md, NYUv2 randomlabels', 27.05, 0.6626, 33.58),
+    'jtr_cityscapes_onelabel': _reference(
+        'KentoNishi/JTR-CVPR-2024 README.md, Cityscapes onelabel', 69.50, 0.0186),
+}
+
+
+def delta_m_reference(name: str) -> DeltaMReference:
+  """The named reference; an unknown name is a one-line ValueError listing the valid ones."""
+  if name not in DELTA_M_REFERENCES:
+    raise ValueError(f"unknown delta_m reference '{name}'; valid: "
+                     f"{', '.join(DELTA_M_REFERENCES)}")
+  return DELTA_M_REFERENCES[name]
+
+
+def delta_m_against(results: Mapping[str, float], reference: str) -> DeltaM:
+  """delta_m of flat results against the named reference (`DELTA_M_REFERENCES`), over
+  its tasks and on its metrics."""
+  ref = delta_m_reference(reference)
+  return delta_m(results, ref.values, tasks=ref.tasks, primary=ref.primary)
+
+
+def eval_files(workdir: str) -> dict[int, str]:
+  """Every `<workdir>/eval/step_<N>.json`, by N."""
   steps = {}
   for path in glob.glob(os.path.join(workdir, 'eval', 'step_*.json')):
     match = re.fullmatch(r'step_(\d+)\.json', os.path.basename(path))
     if match:
       steps[int(match.group(1))] = path
+  return steps
+
+
+def latest_eval_file(workdir: str) -> str | None:
+  """`<workdir>/eval/step_<N>.json` with the largest N, or None."""
+  steps = eval_files(workdir)
   return steps[max(steps)] if steps else None
 
 
@@ -102,10 +196,10 @@ def load_single_task_results(source: str | Mapping[str, str]) -> dict[str, float
       missing.
   """
   if isinstance(source, str):
-    return _read_results(source) or {}
+    return read_results(source) or {}
   results = {}
   for task, path in source.items():
-    values = _read_results(path)
+    values = read_results(path)
     if values is None:
       logging.warning('No single-task results for %s under %s', task, path)
       continue
@@ -113,7 +207,7 @@ def load_single_task_results(source: str | Mapping[str, str]) -> dict[str, float
   return results
 
 
-def _read_results(path: str) -> dict[str, float] | None:
+def read_results(path: str) -> dict[str, float] | None:
   """The flat dict in a JSON file, or in a workdir's latest eval file."""
   if os.path.isdir(path):
     path = latest_eval_file(path)

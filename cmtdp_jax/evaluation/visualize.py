@@ -31,9 +31,10 @@ from cmtdp_jax.data import augment
 from cmtdp_jax.evaluation.boundary import export_edge_pngs
 
 
-def denormalize(image: np.ndarray) -> np.ndarray:
+def denormalize(image: np.ndarray, normalization: str = 'imagenet') -> np.ndarray:
   """Normalised [H, W, 3] float image -> uint8 RGB (inverse of `augment.normalize`)."""
-  rgb = np.asarray(image) * np.array(augment.IMAGENET_STD) + np.array(augment.IMAGENET_MEAN)
+  mean, std = augment.IMAGE_NORMALIZATIONS[normalization]
+  rgb = np.asarray(image) * np.array(std) + np.array(mean)
   return np.clip(np.round(rgb), 0, 255).astype(np.uint8)
 
 
@@ -73,8 +74,9 @@ class EvalOutputs:
 
   def __init__(self, folder: str, task_names, *, save_predictions: bool = False,
                num_visualize: int = 0, export_edges: bool = False, writer=None,
-               step: int = 0):
+               step: int = 0, normalization: str = 'imagenet'):
     self.folder = folder
+    self.normalization = normalization
     self.task_names = tuple(task_names)
     self.save_predictions = save_predictions
     self.num_visualize = num_visualize if jax.process_index() == 0 else 0
@@ -100,7 +102,7 @@ class EvalOutputs:
     return cls(os.path.join(workdir, 'eval', f'step_{step}'), config.tasks,
                save_predictions=options.save_predictions,
                num_visualize=options.num_visualize, export_edges=options.export_edges,
-               writer=writer, step=step)
+               writer=writer, step=step, normalization=config.data.image_normalization)
 
   def add(self, batch: dict[str, np.ndarray], predictions: dict[str, np.ndarray]):
     """One host-local eval batch (with its 'mask' of real examples) and its predictions."""
@@ -124,7 +126,7 @@ class EvalOutputs:
       export_edge_pngs(edges, os.path.join(self.folder, 'edges'))
 
   def _visualize(self, name, example, predicted):
-    grid = render_grid(denormalize(example['image']), example, predicted,
+    grid = render_grid(denormalize(example['image'], self.normalization), example, predicted,
                        title=f'step {self.step}, eval image {name}')
     os.makedirs(os.path.join(self.folder, 'vis'), exist_ok=True)
     Image.fromarray(grid).save(os.path.join(self.folder, 'vis', f'{name}.png'))
