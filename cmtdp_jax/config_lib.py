@@ -48,7 +48,10 @@ def base_config() -> ml_collections.ConfigDict:
   config.data.prefetch = 2  # host-side tf.data batches
   config.data.device_prefetch = 2  # batches already on the devices while a step runs
   config.data.threads = 0  # 0 = tf.data default
+  config.data.image_normalization = 'imagenet'  # augment.IMAGE_NORMALIZATIONS
   config.data.augment = ml_collections.ConfigDict()
+  config.data.augment.name = 'atrc'  # augment.AUGMENTATIONS
+  config.data.augment.scales = (1.0, 1.2, 1.5)  # 'mtan_scale_crop' only
   config.data.augment.min_scale = 0.5
   config.data.augment.max_scale = 2.0
   config.data.augment.cat_max_ratio = 0.75
@@ -84,6 +87,9 @@ def base_config() -> ml_collections.ConfigDict:
   # Per-task overrides of the SPEC loss weights and loss options.
   config.loss_weights = ml_collections.ConfigDict()
   config.loss_options = ml_collections.ConfigDict({'edge': {'pos_weight': 0.95}})
+  # tasks.LOSS_NORMALIZATIONS: 'pooled' (ours), 'per_image' (MTPSL, JTR),
+  # 'per_image_balanced' (DiffusionMTL).
+  config.loss_normalization = 'pooled'
 
   config.contrastive = ml_collections.ConfigDict(
       dataclasses.asdict(contrastive.ContrastiveConfig()))
@@ -93,7 +99,10 @@ def base_config() -> ml_collections.ConfigDict:
   config.optim.lr = 0.01
   config.optim.momentum = 0.9
   config.optim.weight_decay = 5e-4
+  config.optim.schedule = 'poly'  # steps.LR_SCHEDULES: 'poly' or 'step'
   config.optim.poly_power = 0.9
+  config.optim.step_size = 0  # 'step': decay every step_size steps ...
+  config.optim.step_gamma = 0.5  # ... by this factor
   config.optim.warmup_steps = 0
   config.optim.grad_clip = 0.0  # max global L2 norm of the gradients; 0 = no clipping
   # A parameter tensor whose gradient is exactly 0 (a head whose task has no label in the
@@ -126,6 +135,9 @@ def base_config() -> ml_collections.ConfigDict:
   # Edges are scored against 'label' (the training label) or 'seism' (PASCAL-Context:
   # SEISM's boundaries of the context LabelMap, pipeline.EDGE_GROUND_TRUTHS).
   config.eval.edge_ground_truth = 'label'
+  # Also write delta_m (percent) against this named single-task reference, e.g.
+  # 'mtpsl_nyuv2_onelabel' (evaluation.DELTA_M_REFERENCES); '' = none.
+  config.eval.delta_m_reference = ''
   # Extra outputs under <workdir>/eval/step_<N>/ (evaluation/visualize.py):
   config.eval.save_predictions = False  # predictions/<index>.npz, task-space, unpadded
   config.eval.num_visualize = 0  # vis/<index>.png grids (+ TensorBoard) of the first N images
@@ -275,6 +287,21 @@ def _check_metric_options(config) -> None:
         raise ValueError(f'config.eval.metric_options.{task}: {e}') from None
 
 
+def _check_delta_m_reference(config) -> None:
+  """A named delta_m reference exists and the run trains every task it scores."""
+  name = config.eval.delta_m_reference
+  if not name:
+    return
+  from cmtdp_jax import evaluation  # pylint: disable=import-outside-toplevel
+  if name not in evaluation.DELTA_M_REFERENCES:
+    raise ValueError(f"config.eval.delta_m_reference='{name}' is not '' or a known reference "
+                     f"({', '.join(evaluation.DELTA_M_REFERENCES)})")
+  absent = [t for t in evaluation.DELTA_M_REFERENCES[name].tasks if t not in config.tasks]
+  if absent:
+    raise ValueError(f"config.eval.delta_m_reference='{name}' scores {', '.join(absent)}, "
+                     f'which config.tasks {tuple(config.tasks)} does not train')
+
+
 def validate(config, num_devices: int) -> None:
   """One-line errors for inconsistent configs, before anything compiles."""
   for task in config.tasks:
@@ -295,6 +322,7 @@ def validate(config, num_devices: int) -> None:
         logging.info("config.%s.%s is ignored: '%s' is not in config.tasks %s", field, task,
                      task, tuple(config.tasks))
   _check_metric_options(config)
+  _check_delta_m_reference(config)
   contrastive.ContrastiveConfig.from_dict(config.contrastive)
   if config.contrastive.enable and len(config.tasks) < 2:
     raise ValueError('config.contrastive.enable needs at least two tasks in config.tasks')
@@ -326,6 +354,12 @@ def validate(config, num_devices: int) -> None:
     raise ValueError(f'config.data.crop_size {tuple(config.data.crop_size)} is smaller '
                      'than the output stride 32')
   label_mapping.check_config(config.data)
+  if config.loss_normalization not in tasks_lib.LOSS_NORMALIZATIONS:
+    raise ValueError(f"config.loss_normalization: unknown '{config.loss_normalization}' "
+                     f"(valid: {', '.join(tasks_lib.LOSS_NORMALIZATIONS)})")
+  if config.optim.schedule == 'step' and config.optim.step_size <= 0:
+    raise ValueError('config.optim.schedule=step needs config.optim.step_size > 0 (steps '
+                     'between decays)')
   augment = config.data.augment
   if not 0 < augment.min_scale <= augment.max_scale:
     raise ValueError(f'config.data.augment scales ({augment.min_scale}, {augment.max_scale}) '

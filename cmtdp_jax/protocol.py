@@ -13,6 +13,12 @@ The ViT configs (`configs/*_vit*_mt.py`) use TaskPrompter's schedule instead
 of ATRC's (`recipe='taskprompter'`, `TASKPROMPTER`): the peers' protocol for
 plain ViTs. Everything else (tasks, augmentation, loss weights, edge
 options, evaluation) is the dataset's ATRC protocol.
+
+The partial-label benchmark (`configs/nyuv2_segnet.py`,
+`configs/cityscapes_segnet.py`) is MTPSL's protocol instead
+(`partial_label_config`, `PARTIAL_LABEL_BENCHMARK`); its variants name the
+label setting: full, onelabel or randomlabels, plus `contrastive` and
+`balanced` (DiffusionMTL's loss normalisation).
 """
 
 from __future__ import annotations
@@ -131,3 +137,79 @@ def _apply_variant(config, variant):
       config.tasks = (value,)
     else:
       raise ValueError(f"unknown config variant '{token}' (valid: {valid})")
+
+
+@dataclasses.dataclass(frozen=True)
+class PartialLabelBenchmark:
+  """MTPSL's training of MTAN's split SegNet on one dataset (nyu_mtl_xtc.py,
+  cityscapes_mtl_xtc.py, dataset/nyuv2ssl.py, dataset/cityscapesssl.py)."""
+  crop_size: tuple[int, int]  # the images' size: the scale-crop resizes back to it
+  batch_size: int
+  flip: bool
+  settings: tuple[str, ...]  # label settings with published files and references
+  reference_prefix: str  # evaluation.report.DELTA_M_REFERENCES name before '_<setting>'
+  epochs: int = 200
+  decay_epochs: int = 100  # StepLR(step_size=100, gamma=0.5), stepped every epoch
+  lr: float = 1e-4  # Adam, no weight decay
+
+
+PARTIAL_LABEL_BENCHMARK = {
+    'nyuv2_mtan': PartialLabelBenchmark((288, 384), 2, False,
+                                        ('full', 'onelabel', 'randomlabels'), 'mtpsl_nyuv2'),
+    'cityscapes_mtan': PartialLabelBenchmark((128, 256), 8, True, ('full', 'onelabel'),
+                                             'mtpsl_cityscapes'),
+}
+
+
+def partial_label_config(dataset: str, variant: str = '') -> ml_collections.ConfigDict:
+  """MTPSL's protocol on `dataset` with MTAN's split SegNet; `variant` (comma-separated):
+  the label setting (default full; onelabel / randomlabels read MTPSL's file of that
+  name from the working directory unless config.data.label_mapping says where it is),
+  'contrastive', and 'balanced' (DiffusionMTL's per-image loss balance)."""
+  benchmark = PARTIAL_LABEL_BENCHMARK[dataset]
+  spec = data_lib.get_dataset_spec(dataset)
+  config = config_lib.base_config()
+  config.tasks = spec.tasks
+  config.data.name = dataset
+  config.data.crop_size = benchmark.crop_size
+  config.data.image_normalization = 'unit_range'
+  config.data.augment.name = 'mtan_scale_crop'
+  config.data.augment.scales = (1.0, 1.2, 1.5)
+  config.data.augment.flip = benchmark.flip
+  config.data.augment.photometric = False
+  config.model.framework = 'segnet'
+  config.model.backbone = 'segnet'
+  # MTAN's 'standard' widths, named so that --config.model.backbone_kwargs.widths can shrink them.
+  config.model.backbone_kwargs = ml_collections.ConfigDict({'widths': (64, 128, 256, 512, 512)})
+  config.model.backbone_kwargs_for = 'segnet'
+  config.loss_weights = ml_collections.ConfigDict({t: 1.0 for t in spec.tasks})
+  config.loss_options = ml_collections.ConfigDict(
+      {'normals': {'loss': 'cosine'}} if 'normals' in spec.tasks else {})
+  config.loss_normalization = 'per_image'
+  steps_per_epoch = spec.train_images // benchmark.batch_size  # drop_last, as our pipeline
+  config.optim.name = 'adam'
+  config.optim.lr = benchmark.lr
+  config.optim.weight_decay = 0.0
+  config.optim.schedule = 'step'
+  config.optim.step_size = benchmark.decay_epochs * steps_per_epoch
+  config.optim.step_gamma = 0.5
+  config.batch_size = benchmark.batch_size
+  config.eval_batch_size = 8
+  config.num_steps = benchmark.epochs * steps_per_epoch
+  config.eval_every = steps_per_epoch  # every epoch, as they do (their selection needs it)
+  config.checkpoint_every = steps_per_epoch
+  setting = 'full'
+  for token in filter(None, (t.strip() for t in variant.split(','))):
+    if token in benchmark.settings:
+      setting = token
+    elif token == 'contrastive':
+      config.contrastive.enable = True
+    elif token == 'balanced':
+      config.loss_normalization = 'per_image_balanced'
+    else:
+      raise ValueError(f"unknown config variant '{token}' (valid: "
+                       f"{', '.join(benchmark.settings)}, contrastive, balanced)")
+  if setting != 'full':
+    config.data.label_mapping = f'{setting}.pth'
+  config.eval.delta_m_reference = f'{benchmark.reference_prefix}_{setting}'
+  return config

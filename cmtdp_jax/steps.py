@@ -54,12 +54,32 @@ class Trainer:
   seed: int = flax.struct.field(pytree_node=False)
   max_nonfinite_streak: int = flax.struct.field(pytree_node=False)
   hold_zero_gradient: bool = flax.struct.field(pytree_node=False, default=False)
+  loss_normalization: str = flax.struct.field(pytree_node=False, default='pooled')
+
+
+def _poly_decay(optim_config, steps: int):
+  """(1 - t/T)^power to 0 (ATRC)."""
+  return optax.polynomial_schedule(optim_config.lr, 0.0, optim_config.poly_power, steps)
+
+
+def _step_decay(optim_config, steps: int):
+  """lr x gamma^floor(t / step_size): PyTorch's StepLR, stepped once an epoch there
+  (MTPSL: 100 epochs, 0.5), so step_size is in steps here: epochs x steps per epoch."""
+  del steps
+  return optax.exponential_decay(optim_config.lr, optim_config.step_size,
+                                 optim_config.step_gamma, staircase=True)
+
+
+# config.optim.schedule: the decay after the warm-up.
+LR_SCHEDULES = {'poly': _poly_decay, 'step': _step_decay}
 
 
 def learning_rate_schedule(optim_config, total_steps: int):
-  """Linear warm-up, then polynomial decay (1 - t/T)^power to 0 (ATRC)."""
-  decay = optax.polynomial_schedule(optim_config.lr, 0.0, optim_config.poly_power,
-                                    max(total_steps - optim_config.warmup_steps, 1))
+  """Linear warm-up, then the decay `optim_config.schedule` names (default 'poly')."""
+  name = optim_config.get('schedule', 'poly')
+  if name not in LR_SCHEDULES:
+    raise ValueError(f"config.optim.schedule='{name}' is not one of {', '.join(LR_SCHEDULES)}")
+  decay = LR_SCHEDULES[name](optim_config, max(total_steps - optim_config.warmup_steps, 1))
   if not optim_config.warmup_steps:
     return decay
   warmup = optax.linear_schedule(0.0, optim_config.lr, optim_config.warmup_steps)
@@ -118,7 +138,8 @@ def make_trainer(config, model, total_steps: int) -> Trainer:
       loss_options={t: dict(config.loss_options.get(t, {})) for t in task_names},
       regularizer_weight=float(config.contrastive.weight), seed=int(config.seed),
       max_nonfinite_streak=int(config.max_nonfinite_streak),
-      hold_zero_gradient=config.optim.zero_gradient_params == 'hold')
+      hold_zero_gradient=config.optim.zero_gradient_params == 'hold',
+      loss_normalization=config.loss_normalization)
 
 
 def init_key(seed: int):
@@ -215,19 +236,23 @@ def compute_losses(trainer: Trainer, params, batch_stats, batch, rng):
   # Partially annotated batches say which images keep each task's label
   # (label_mapping.py); without 'labelled' every image keeps every label.
   labelled = batch.get('labelled')
-  labelled_for = lambda task: None if labelled is None else labelled[task]
+
+  def task_loss(task, raw):
+    return tasks_lib.get_task(task).compute_loss(
+        raw, batch[task], trainer.loss_options[task],
+        None if labelled is None else labelled[task],
+        tasks_lib.image_loss_weights(trainer.loss_normalization, task, labelled,
+                                     batch['image'].shape[0]))
   metrics = {}
   total = 0.0
   for task in trainer.task_names:
-    loss = tasks_lib.get_task(task).compute_loss(predictions[task], batch[task],
-                                                 trainer.loss_options[task], labelled_for(task))
+    loss = task_loss(task, predictions[task])
     metrics[f'loss/{task}'] = loss
     total = total + weights[task] * loss
   # Deep supervision: every sown auxiliary prediction gets its task's loss and weight.
   for key, raw in aux_predictions(updates.get('intermediates', {})).items():
     task = key.split('/', 1)[0]
-    loss = tasks_lib.get_task(task).compute_loss(raw, batch[task], trainer.loss_options[task],
-                                                 labelled_for(task))
+    loss = task_loss(task, raw)
     metrics[f'aux_loss/{key}'] = loss
     total = total + weights[task] * loss
   if trainer.regularizer is not None:

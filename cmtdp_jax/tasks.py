@@ -97,6 +97,27 @@ def _normals_l1(pred, labels, valid, options):
   return _masked_mean(per_pixel, valid)
 
 
+def _normals_cosine(pred, labels, valid, options):
+  """1 - the mean over valid pixels of the dot product of the L2-normalised prediction
+  and the label: MTAN's and MTPSL's normals loss (MTPSL model/segnet_mtl.py model_fit)."""
+  del options
+  unit = unit_vectors(pred.astype(jnp.float32))
+  return 1.0 - _masked_mean(jnp.sum(unit * labels, axis=-1), valid)
+
+
+# `loss_options.normals.loss`: 'l1' (ATRC, InvPT, Multi-Task-Learning-PyTorch; default) or
+# 'cosine' (the partial-label benchmark: MTAN, MTPSL, JTR).
+NORMALS_LOSSES = {'l1': _normals_l1, 'cosine': _normals_cosine}
+
+
+def _normals_loss(pred, labels, valid, options):
+  name = options.get('loss', 'l1')
+  if name not in NORMALS_LOSSES:
+    raise ValueError(f"config.loss_options.normals.loss: unknown loss '{name}' "
+                     f"(valid: {', '.join(NORMALS_LOSSES)})")
+  return NORMALS_LOSSES[name](pred, labels, valid, options)
+
+
 def unit_vectors(v, eps=1e-12):
   """`v` scaled to unit length along the last axis (zero vectors stay finite)."""
   return v / jnp.sqrt(jnp.maximum(jnp.sum(v * v, axis=-1, keepdims=True), eps))
@@ -189,15 +210,51 @@ class Task:
       raise ValueError(f"dataset does not define num_classes for task '{self.name}'")
     return num_classes[self.name]
 
-  def compute_loss(self, raw, labels, options=None, labelled=None):
+  def compute_loss(self, raw, labels, options=None, labelled=None, image_weights=None):
     """The task's loss over its valid pixels; with `labelled` (bool [B], partially
     annotated training) only over the images that keep this task's label, so the
     mean (and a batch-balanced weight) pools those images alone, and a batch
-    without any gives exactly 0 with a zero gradient."""
+    without any gives exactly 0 with a zero gradient.
+
+    With `image_weights` ([B], `image_loss_weights`) each image's loss is the mean
+    over its own valid pixels instead, and the result their weighted sum."""
     valid = self.valid(labels)
+    options = dict(options or {})
+    if image_weights is not None:
+      per_image = jax.vmap(lambda r, l, v: self.loss(r[None], l[None], v[None], options))(
+          raw, labels, valid)
+      return jnp.sum(image_weights * per_image)
     if labelled is not None:
       valid = valid & labelled.reshape(labelled.shape + (1,) * (valid.ndim - 1))
-    return self.loss(raw, labels, valid, dict(options or {}))
+    return self.loss(raw, labels, valid, options)
+
+
+# How the batch's task losses are normalised (`config.loss_normalization`):
+#   'pooled'              each task's loss pools the valid pixels of every image that keeps
+#                         its label (ATRC's batch mean with all labels; the default).
+#   'per_image'           each image's loss is the mean over its own valid pixels; a task's loss
+#                         is their sum over the images that keep its label, over the batch
+#                         size (MTPSL nyu_mtl_xtc.py, JTR code/train_nyuv2.py).
+#   'per_image_balanced'  as 'per_image', each image's terms times T / its number of labelled
+#                         tasks (DiffusionMTL losses/loss_schemes.py).
+LOSS_NORMALIZATIONS = ('pooled', 'per_image', 'per_image_balanced')
+
+
+def image_loss_weights(normalization: str, task: str, labelled, batch_size: int):
+  """[B] weights of each image's loss of `task` (None for 'pooled'); `labelled` is
+  {task: bool [B]} of partially annotated training, or None (every label kept)."""
+  if normalization == 'pooled':
+    return None
+  if normalization not in LOSS_NORMALIZATIONS:
+    raise ValueError(f"config.loss_normalization: unknown '{normalization}' "
+                     f"(valid: {', '.join(LOSS_NORMALIZATIONS)})")
+  if labelled is None:
+    return jnp.full((batch_size,), 1.0 / batch_size, jnp.float32)
+  weights = labelled[task].astype(jnp.float32) / batch_size
+  if normalization == 'per_image_balanced':
+    count = sum(kept.astype(jnp.float32) for kept in labelled.values())
+    weights = weights * len(labelled) / jnp.maximum(count, 1.0)
+  return weights
 
 
 def _argmax(raw):
@@ -223,7 +280,7 @@ TASKS: dict[str, Task] = {
     'semseg': _categorical('semseg', 1.0, 'segmentation', 'mIoU'),
     'depth': Task('depth', DEPTH, 1, 1.0, _depth_l1, _metres, _valid_depth,
                   _colour_scalar, 'depth', 'depth/rmse', lower_is_better=True),
-    'normals': Task('normals', NORMALS, 3, 10.0, _normals_l1,
+    'normals': Task('normals', NORMALS, 3, 10.0, _normals_loss,
                     lambda raw: unit_vectors(raw.astype(jnp.float32)), _valid_normals,
                     _colour_normals, 'normals', 'normals/mean', lower_is_better=True),
     'edge': _categorical('edge', 50.0, 'boundary', 'odsF', 1, _balanced_bce, _probability,

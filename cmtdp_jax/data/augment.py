@@ -12,9 +12,17 @@ x component. Padding is centred (delta // 2 before, the rest after, ATRC's
 `PadImage`) with 0 in the normalised image (the mean colour) and each label's
 invalid value (255 / 0); `crop_to_original` undoes it.
 
-Order, as in ATRC's training transforms (brdav/atrc src/data/pl_data.py): random
-scale, random crop (class-ratio limited), flip, photometric distortion,
-ImageNet normalisation, centred padding to the crop size.
+Training augmentations are chosen by name (`config.data.augment.name`,
+`AUGMENTATIONS`):
+  'atrc'             ATRC's training transforms (brdav/atrc src/data/pl_data.py), in
+                     order: random scale, random crop (class-ratio limited), flip,
+                     photometric distortion, normalisation, centred padding to the crop.
+  'mtan_scale_crop'  the partial-label benchmark's (MTPSL dataset/nyuv2ssl.py and
+                     cityscapesssl.py `RandomScaleCrop`): optional flip, then a crop of
+                     1/s of each side, s drawn from `scales`, resized back to the
+                     image's size; normalisation.
+Images are normalised as `config.data.image_normalization` names
+(`IMAGE_NORMALIZATIONS`): ImageNet's mean and std, or MTAN's [0, 1].
 """
 
 from __future__ import annotations
@@ -25,6 +33,11 @@ from cmtdp_jax import tasks as tasks_lib
 
 IMAGENET_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
 IMAGENET_STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
+# name -> (mean, std) of the 0..255 image: normalised = (image - mean) / std.
+IMAGE_NORMALIZATIONS = {
+    'imagenet': (IMAGENET_MEAN, IMAGENET_STD),
+    'unit_range': ((0.0, 0.0, 0.0), (255.0, 255.0, 255.0)),  # MTAN's images in [0, 1]
+}
 
 
 def _label_keys(example):
@@ -250,11 +263,59 @@ def photometric_distortion(image, draws):
   return maybe(tf.logical_not(draws['contrast_first']), contrast, image)
 
 
-def normalize(image):
-  return (image - tf.constant(IMAGENET_MEAN)) / tf.constant(IMAGENET_STD)
+def normalize(image, normalization='imagenet'):
+  mean, std = IMAGE_NORMALIZATIONS[normalization]
+  return (image - tf.constant(mean)) / tf.constant(std)
 
 
-def train_transform(example, seed, aug_config, crop_size, semseg_kept=True):
+def train_transform(example, seed, aug_config, crop_size, semseg_kept=True,
+                    normalization='imagenet'):
+  """The augmentation `aug_config.name` names (default 'atrc')."""
+  transform = AUGMENTATIONS[aug_config.get('name', 'atrc')]
+  return transform(example, seed, aug_config, crop_size, semseg_kept, normalization)
+
+
+def _resize_aligned(x, size, method):
+  """F.interpolate(mode='bilinear', align_corners=True), or mode='nearest' (floor of
+  dst * in / out), on [H, W, C]."""
+  resize = tf.raw_ops.ResizeBilinear if method == 'bilinear' else tf.raw_ops.ResizeNearestNeighbor
+  out = resize(images=x[None], size=size, align_corners=method == 'bilinear',
+               half_pixel_centers=False)[0]
+  return tf.cast(out, x.dtype)
+
+
+def mtan_scale_crop(example, seed, aug_config, crop_size, semseg_kept=True,
+                    normalization='unit_range'):
+  """MTPSL's RandomScaleCrop: s from `aug_config.scales`, a crop of int(H / s) x
+  int(W / s) at a uniform position, resized back to H x W: image and normals
+  bilinear with aligned corners (normals not renormalised, as theirs), class maps
+  and depth nearest, depth divided by s. Cityscapes flips first (`flip`)."""
+  del semseg_kept
+  seeds = tf.random.experimental.stateless_split(seed, 4)
+  if aug_config.flip:
+    example = random_flip(example, seeds[0])
+  scales = tf.constant(aug_config.scales, tf.float64)
+  scale = tf.gather(scales, tf.random.stateless_uniform(
+      [], seeds[1], 0, len(aug_config.scales), dtype=tf.int32))
+  size = tf.shape(example['image'])[:2]
+  crop = tf.cast(tf.cast(size, tf.float64) / scale, tf.int32)  # Python's int(height / sc)
+  top = tf.random.stateless_uniform([], seeds[2], 0, size[0] - crop[0] + 1, dtype=tf.int32)
+  left = tf.random.stateless_uniform([], seeds[3], 0, size[1] - crop[1] + 1, dtype=tf.int32)
+  out = _crop(example, top, left, crop[0], crop[1])
+  out['image'] = _resize_aligned(out['image'], size, 'bilinear')
+  for task in _label_keys(example):
+    kind = tasks_lib.get_task(task).label_kind
+    label = out[task][..., None] if out[task].shape.rank == 2 else out[task]
+    label = _resize_aligned(label, size, 'bilinear' if kind == tasks_lib.NORMALS else 'nearest')
+    out[task] = label[..., 0] if example[task].shape.rank == 2 else label
+    if kind == tasks_lib.DEPTH:
+      out[task] = out[task] / tf.cast(scale, out[task].dtype)
+  out['image'] = normalize(out['image'], normalization)
+  return pad_centred(out, *crop_size)
+
+
+def atrc_transform(example, seed, aug_config, crop_size, semseg_kept=True,
+                   normalization='imagenet'):
   """Full training augmentation, in ATRC's order: scale, crop, flip,
   photometric, normalise, centred padding to `crop_size`. `semseg_kept`: whether
   the image keeps its semseg label (`random_crop`)."""
@@ -269,7 +330,7 @@ def train_transform(example, seed, aug_config, crop_size, semseg_kept=True):
   if aug_config.photometric:
     example = dict(example, image=photometric_distortion(example['image'],
                                                          photometric_draws(seeds[1])))
-  example = dict(example, image=normalize(example['image']))
+  example = dict(example, image=normalize(example['image'], normalization))
   example = pad_centred(example, height, width)
   if aug_config.parts_need_person and 'human_parts' in example:
     example = ignore_parts_without_person(example)
@@ -285,12 +346,15 @@ def ignore_parts_without_person(example):
       has_person, parts, tf.fill(tf.shape(parts), tf.cast(tasks_lib.IGNORE_LABEL, parts.dtype))))
 
 
-def eval_transform(example):
+AUGMENTATIONS = {'atrc': atrc_transform, 'mtan_scale_crop': mtan_scale_crop}
+
+
+def eval_transform(example, normalization='imagenet'):
   """Normalises; 'size' keeps the original (height, width) so predictions can be
   cropped back before scoring (boundary tolerances scale with the true diagonal).
   Padding is per batch (`centre_in_batch`)."""
   size = tf.shape(example['image'])[:2]
-  return dict(example, image=normalize(example['image']), size=size)
+  return dict(example, image=normalize(example['image'], normalization), size=size)
 
 
 def padding_values(element_spec):

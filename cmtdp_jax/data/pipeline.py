@@ -180,6 +180,16 @@ def steps_per_epoch(source: Source, global_batch: int) -> int:
   return max(source.num_examples // global_batch, 1)
 
 
+def check_transforms(data_config) -> None:
+  """One line for an unknown augmentation or image normalisation name."""
+  for flag, name, registry in (
+      ('config.data.augment.name', data_config.augment.name, augment.AUGMENTATIONS),
+      ('config.data.image_normalization', data_config.image_normalization,
+       augment.IMAGE_NORMALIZATIONS)):
+    if name not in registry:
+      raise ValueError(f"{flag}: unknown '{name}' (valid: {', '.join(registry)})")
+
+
 def train_dataset(source: Source, config, start_step: int,
                   label_mapping=None) -> tf.data.Dataset:
   """Endless, deterministic, augmented per-host batches starting at `start_step`.
@@ -194,6 +204,7 @@ def train_dataset(source: Source, config, start_step: int,
   hosts read it: a run resumes exactly even on a different number of hosts,
   and one 8-device process computes what two 4-device processes do.
   """
+  check_transforms(config.data)
   global_batch = config.batch_size
   per_host = global_batch // jax.process_count()
   process = jax.process_index()
@@ -225,7 +236,8 @@ def train_dataset(source: Source, config, start_step: int,
     seed = tf.stack([tf.constant(config.seed, tf.int64), position])
     kept = labelled(record['id']) if label_mapping is not None else {}
     example = augment.train_transform(decode(record), seed, config.data.augment, crop,
-                                      semseg_kept=kept.get('semseg', True))
+                                      semseg_kept=kept.get('semseg', True),
+                                      normalization=config.data.image_normalization)
     if label_mapping is not None:
       example['labelled'] = kept
     return example
@@ -252,6 +264,7 @@ def eval_dataset(source: Source, config) -> tf.data.Dataset:
   protocol datasets give every batch one shape; a dataset whose images vary
   beyond `eval_crop_size` compiles the predict step once per batch shape.
   """
+  check_transforms(config.data)
   per_host = config.eval_batch_size // jax.process_count()
   # tfds.split_for_jax_process, with where this process's part starts (for `_with_ids`).
   parts = tfds.even_splits(source.split, n=jax.process_count(), drop_remainder=False)
@@ -264,7 +277,7 @@ def eval_dataset(source: Source, config) -> tf.data.Dataset:
   min_size = tuple(config.data.eval_crop_size or config.data.crop_size)
 
   def transform(record, is_real):
-    example = augment.eval_transform(decode(record))
+    example = augment.eval_transform(decode(record), config.data.image_normalization)
     if 'id' in record:
       example['id'] = record['id']
     return dict(example, mask=is_real)
