@@ -38,7 +38,8 @@ def test_vit_configs_have_taskprompter_schedule(name):
   assert tuple(config.data.crop_size) == crop_size
   assert (config.num_steps, config.batch_size) == (40_000, 8)
   assert dict(config.optim) == {'name': 'adam', 'lr': 2e-5, 'momentum': 0.9,
-                                'weight_decay': 1e-6, 'poly_power': 0.9, 'warmup_steps': 0,
+                                'weight_decay': 1e-6, 'schedule': 'poly', 'poly_power': 0.9,
+                                'step_size': 0, 'step_gamma': 0.5, 'warmup_steps': 0,
                                 'grad_clip': 10.0, 'zero_gradient_params': 'update'}
   assert dict(config.model.backbone_kwargs) == {'img_size': 384}
   assert config.model.backbone_kwargs_for == backbone
