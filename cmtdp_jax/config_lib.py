@@ -22,6 +22,7 @@ from absl import logging
 from cmtdp_jax import contrastive
 from cmtdp_jax import data as data_lib
 from cmtdp_jax import label_mapping
+from cmtdp_jax import regularizers
 from cmtdp_jax import tasks as tasks_lib
 from cmtdp_jax.models.backbones import BACKBONES
 
@@ -67,6 +68,9 @@ def base_config() -> ml_collections.ConfigDict:
   config.data.label_fraction = 0.5
   config.data.partial_labels_seed = 0
   config.data.label_mapping = ''
+  # A positive control: fill a missing label from another kept one by a relation the dataset
+  # guarantees (its builder's LABEL_DERIVATIONS; synthetic: 'sal_from_semseg'); '' = none.
+  config.data.derive_labels = ''
 
   config.model = ml_collections.ConfigDict()
   config.model.framework = 'baseline'
@@ -93,6 +97,11 @@ def base_config() -> ml_collections.ConfigDict:
 
   config.contrastive = ml_collections.ConfigDict(
       dataclasses.asdict(contrastive.ContrastiveConfig()))
+  # The cross-task regularizer by name (regularizers/__init__.py): '' (none, unless
+  # contrastive.enable), 'cmtdp' (ours; options in config.contrastive), 'mtpsl', 'jtr'; its
+  # weight (None = the method's published one: contrastive.weight for ours, 2.0 MTPSL, 1.0
+  # JTR) and each method's options.
+  config.regularizer = regularizers.regularizer_config()
 
   config.optim = ml_collections.ConfigDict()
   config.optim.name = 'sgd'
@@ -324,6 +333,7 @@ def validate(config, num_devices: int) -> None:
   _check_metric_options(config)
   _check_delta_m_reference(config)
   contrastive.ContrastiveConfig.from_dict(config.contrastive)
+  regularizers.chosen_name(config)
   if config.contrastive.enable and len(config.tasks) < 2:
     raise ValueError('config.contrastive.enable needs at least two tasks in config.tasks')
   for name in ('batch_size', 'eval_batch_size'):

@@ -16,7 +16,7 @@ training step that calls it compiles once.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping, NamedTuple, Sequence
+from typing import Any, ClassVar, Mapping, NamedTuple, Sequence
 
 import flax.linen as nn
 import jax
@@ -487,9 +487,14 @@ class CrossTaskContrastive(nn.Module):
   def source_options(self) -> dict[str, tuple[str, ...]]:
     return source_options(self.targets, self.sources, self.config)
 
-  @nn.compact
   def __call__(self, features: Mapping[str, jax.Array], labels: Mapping[str, jax.Array], rng,
                labelled: Mapping[str, jax.Array] | None = None):
+    """`regularize`: the call of a model's own training loop (docs/regularizer.md)."""
+    return self.regularize(features, labels, rng, labelled)
+
+  @nn.compact
+  def regularize(self, features: Mapping[str, jax.Array], labels: Mapping[str, jax.Array], rng,
+                 labelled: Mapping[str, jax.Array] | None = None):
     """Regularizer loss and diagnostics for one training step.
 
     Args:
@@ -536,3 +541,13 @@ class CrossTaskContrastive(nn.Module):
         for key, value in values.items():
           diagnostics[f'{pair_name(target, source)}/{key}'] = value
     return jnp.mean(jnp.stack(losses)), jax.lax.stop_gradient(diagnostics)
+
+
+class Cmtdp(CrossTaskContrastive):
+  """The regularizer behind the registry's common call (`cmtdp_jax.regularizers`):
+  it reads the supervised view's features and labels; its parameters are the same."""
+  extra_views: ClassVar[int] = 0
+  param_key: ClassVar[str] = 'contrastive'  # as before the registry: checkpoints resume
+
+  def __call__(self, views, labelled, rng):  # pylint: disable=arguments-renamed
+    return self.regularize(views[0].features, views[0].labels, rng, labelled)

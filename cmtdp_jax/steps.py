@@ -3,10 +3,12 @@
 Nothing here imports TensorFlow: benchmarks build the same steps on synthetic
 in-memory batches on machines without TF.
 
-The parameters are `{'model': ..., 'contrastive': ...}`: the predict step
-(`make_predict_step`, the one training, evaluation, the benchmark and the
+The parameters are `{'model': ..., <regularizer's param_key>: ...}`: the predict
+step (`make_predict_step`, the one training, evaluation, the benchmark and the
 notebook run) only ever touches `params['model']`, so the training-only
-projectors of the regularizer cannot change what is deployed. `setup` builds
+parameters of a regularizer (`cmtdp_jax.regularizers`) cannot change what is
+deployed. A regularizer that needs extra augmented views of each image gets
+the model's outputs on them from the same forward pass. `setup` builds
 everything of a config on a mesh, for training and the benchmark alike.
 """
 
@@ -24,9 +26,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from cmtdp_jax import contrastive
 from cmtdp_jax import data as data_lib
 from cmtdp_jax import models
+from cmtdp_jax import regularizers
 from cmtdp_jax import sharding
 from cmtdp_jax import tasks as tasks_lib
 
@@ -126,20 +128,61 @@ def make_trainer(config, model, total_steps: int) -> Trainer:
                      f"is not one of {', '.join(ZERO_GRADIENT_PARAMS)}")
   task_names = tuple(config.tasks)
   weights = dict(config.loss_weights)
-  regularizer = None
-  if config.contrastive.enable:
-    reg_config = contrastive.ContrastiveConfig.from_dict(config.contrastive)
-    regularizer = contrastive.CrossTaskContrastive(
-        targets=task_names, sources=task_names, config=reg_config)
+  name = regularizers.chosen_name(config)
+  bottleneck = None
+  if name and name != 'cmtdp':
+    bottleneck = model_bottleneck(model, (1, *config.data.crop_size, 3))
+  choice = regularizers.choose(config, task_names,
+                               data_lib.get_dataset_spec(config.data.name).num_classes,
+                               bottleneck)
+  tx = make_optimizer(config.optim, total_steps)
+  if choice is not None and choice.own_optimizer is not None:
+    tx = with_own_optimizer(tx, choice.param_key, *choice.own_optimizer)
   return Trainer(
-      model=model, regularizer=regularizer,
-      tx=make_optimizer(config.optim, total_steps), task_names=task_names,
+      model=model, regularizer=None if choice is None else choice.module,
+      tx=tx, task_names=task_names,
       loss_weights=tuple(weights.get(t, tasks_lib.get_task(t).loss_weight) for t in task_names),
       loss_options={t: dict(config.loss_options.get(t, {})) for t in task_names},
-      regularizer_weight=float(config.contrastive.weight), seed=int(config.seed),
+      regularizer_weight=0.0 if choice is None else choice.weight, seed=int(config.seed),
       max_nonfinite_streak=int(config.max_nonfinite_streak),
       hold_zero_gradient=config.optim.zero_gradient_params == 'hold',
       loss_normalization=config.loss_normalization)
+
+
+def with_own_optimizer(tx, key: str, is_own: Callable[[tuple], bool], lr: float):
+  """`tx` for every parameter but those under `params[key]` for which `is_own(path)`
+  (path: the keys below `key`), which get Adam at `lr` (MTPSL's FiLM tables)."""
+  def labels(params):
+    return {k: jax.tree_util.tree_map_with_path(
+        lambda path, _, k=k: 'own' if k == key and is_own(tuple(p.key for p in path))
+        else 'main', v) for k, v in params.items()}
+  return optax.multi_transform({'main': tx, 'own': optax.adam(lr)}, labels)
+
+
+# A framework sows its coarsest shared map here (`frameworks.sow_bottleneck`) when the
+# collection is mutable: only for a regularizer with extra views, so other steps are as before.
+SHARED = 'shared'
+
+
+def bottleneck_of(collection) -> Any:
+  """The sown bottleneck in a 'shared' collection, or None."""
+  for name, value in collection.items():
+    if name == 'bottleneck':
+      return value[0]
+    if isinstance(value, Mapping):
+      found = bottleneck_of(value)
+      if found is not None:
+        return found
+  return None
+
+
+def model_bottleneck(model, image_shape) -> tuple[int, int] | None:
+  """(channels, stride) of the model's sown bottleneck for images of `image_shape`."""
+  def shared(images):
+    variables = model.init(jax.random.key(0), images, train=False)
+    return model.apply(variables, images, train=False, mutable=[SHARED])[1]
+  found = bottleneck_of(jax.eval_shape(shared, jax.ShapeDtypeStruct(image_shape, jnp.float32)))
+  return None if found is None else (found.shape[-1], image_shape[1] // found.shape[1])
 
 
 def init_key(seed: int):
@@ -159,10 +202,13 @@ def init_state(trainer: Trainer, rng, image_shape) -> TrainState:
   variables = trainer.model.init(model_rng, images, train=False)
   params = {'model': variables['params']}
   if trainer.regularizer is not None:
-    _, features = trainer.model.apply(variables, images, train=False)
-    labels = dummy_labels(trainer.task_names, image_shape)
-    params['contrastive'] = trainer.regularizer.init(
-        reg_rng, features, labels, sample_rng)['params']
+    (predictions, features), shared = trainer.model.apply(variables, images, train=False,
+                                                          mutable=[SHARED])
+    view = regularizers.View(predictions, features,
+                             dummy_labels(trainer.task_names, image_shape),
+                             bottleneck_of(shared))
+    params[trainer.regularizer.param_key] = trainer.regularizer.init(
+        reg_rng, (view,) * (1 + trainer.regularizer.extra_views), None, sample_rng)['params']
   zero = jnp.zeros((), jnp.int32)
   return TrainState(step=zero, params=params, batch_stats=variables.get('batch_stats', {}),
                     opt_state=trainer.tx.init(params), nonfinite_steps=zero,
@@ -229,9 +275,18 @@ def dummy_labels(task_names, image_shape):
 
 def compute_losses(trainer: Trainer, params, batch_stats, batch, rng):
   """Weighted task losses + lambda x regularizer; returns (total, (stats, metrics))."""
+  extra = 0 if trainer.regularizer is None else trainer.regularizer.extra_views
+  images = batch['image']
+  if extra:  # one forward pass over every view, as MTPSL and JTR batch theirs
+    images = jnp.concatenate([images, *(view['image'] for view in batch['views'])])
   (predictions, features), updates = trainer.model.apply(
-      {'params': params['model'], 'batch_stats': batch_stats}, batch['image'], train=True,
-      mutable=['batch_stats', 'intermediates'])
+      {'params': params['model'], 'batch_stats': batch_stats}, images, train=True,
+      mutable=['batch_stats', 'intermediates'] + ([SHARED] if extra else []))
+  if extra:
+    all_views = per_view(1 + extra, (predictions, features, updates[SHARED],
+                                     updates.get('intermediates', {})))
+    (predictions, features), updates = all_views[0][:2], {
+        'batch_stats': updates['batch_stats'], 'intermediates': all_views[0][3]}
   weights = dict(zip(trainer.task_names, trainer.loss_weights))
   # Partially annotated batches say which images keep each task's label
   # (label_mapping.py); without 'labelled' every image keeps every label.
@@ -256,14 +311,27 @@ def compute_losses(trainer: Trainer, params, batch_stats, batch, rng):
     metrics[f'aux_loss/{key}'] = loss
     total = total + weights[task] * loss
   if trainer.regularizer is not None:
-    labels = {t: batch[t] for t in trainer.task_names}
+    views = [regularizers.View(predictions, features, {t: batch[t] for t in trainer.task_names})]
+    if extra:
+      views = [regularizers.View(p, f, {t: labels[t] for t in trainer.task_names},
+                                 bottleneck_of(shared))
+               for (p, f, shared, _), labels in zip(all_views, [batch, *batch['views']])]
     reg_loss, diagnostics = trainer.regularizer.apply(
-        {'params': params['contrastive']}, features, labels, rng, labelled)
-    metrics['loss/contrastive'] = reg_loss
-    metrics.update({f'contrastive/{k}': v for k, v in diagnostics.items()})
+        {'params': params[trainer.regularizer.param_key]}, tuple(views), labelled, rng)
+    key = trainer.regularizer.param_key
+    metrics[f'loss/{key}'] = reg_loss
+    metrics.update({f'{key}/{k}': v for k, v in diagnostics.items()})
     total = total + trainer.regularizer_weight * reg_loss
   metrics['loss/total'] = total
   return total, (updates['batch_stats'], metrics)
+
+
+def per_view(num_views: int, tree):
+  """`tree`'s arrays (batch-major over `num_views` stacked views) split into one tree
+  per view."""
+  size = jax.tree.leaves(tree)[0].shape[0] // num_views
+  return [jax.tree.map(lambda x, i=i: x[i * size:(i + 1) * size], tree)
+          for i in range(num_views)]
 
 
 def aux_predictions(intermediates) -> dict[str, jax.Array]:

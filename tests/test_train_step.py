@@ -187,14 +187,17 @@ def test_state_stops_changing_at_the_streak_limit(guarded):
   assert_same(new_state, stopped)
 
 
-def test_inference_is_untouched_by_the_regularizer():
-  """Same outputs, parameter count and XLA FLOPs with the regularizer on or off."""
+@pytest.mark.parametrize('name', ['cmtdp', 'mtpsl', 'jtr'])
+def test_inference_is_untouched_by_the_regularizer(name):
+  """Same outputs, parameter count and XLA FLOPs with each regularizer on or off; its
+  parameters live beside 'model', never in it."""
   mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ('data',))
   outputs, counts, flops = [], [], []
-  for enable in (False, True):
-    config = tiny_config(**{'contrastive.enable': enable})
+  for regularizer in ('', name):
+    config = tiny_config(**{'regularizer.name': regularizer})
     trainer, state, _ = build(config, mesh)
-    assert ('contrastive' in state.params) == enable
+    assert sorted(state.params) == sorted(
+        ['model'] + ([trainer.regularizer.param_key] if regularizer else []))
     predict = steps.make_predict_step(trainer.model, tuple(config.tasks),
                                       sharding.batch_sharding(mesh))
     images = make_batch(config)['image']

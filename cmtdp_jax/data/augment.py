@@ -284,23 +284,18 @@ def _resize_aligned(x, size, method):
   return tf.cast(out, x.dtype)
 
 
-def mtan_scale_crop(example, seed, aug_config, crop_size, semseg_kept=True,
-                    normalization='unit_range'):
-  """MTPSL's RandomScaleCrop: s from `aug_config.scales`, a crop of int(H / s) x
-  int(W / s) at a uniform position, resized back to H x W: image and normals
-  bilinear with aligned corners (normals not renormalised, as theirs), class maps
-  and depth nearest, depth divided by s. Cityscapes flips first (`flip`)."""
-  del semseg_kept
-  seeds = tf.random.experimental.stateless_split(seed, 4)
-  if aug_config.flip:
-    example = random_flip(example, seeds[0])
-  scales = tf.constant(aug_config.scales, tf.float64)
-  scale = tf.gather(scales, tf.random.stateless_uniform(
-      [], seeds[1], 0, len(aug_config.scales), dtype=tf.int32))
+def scale_crop(example, seed, scales):
+  """MTPSL's RandomScaleCrop: s from `scales`, a crop of int(H / s) x int(W / s) at a
+  uniform position, resized back to H x W: image and normals bilinear with aligned
+  corners (normals not renormalised, as theirs), class maps and depth nearest, depth
+  divided by s."""
+  seeds = tf.random.experimental.stateless_split(seed, 3)
+  scale = tf.gather(tf.constant(scales, tf.float64), tf.random.stateless_uniform(
+      [], seeds[0], 0, len(scales), dtype=tf.int32))
   size = tf.shape(example['image'])[:2]
   crop = tf.cast(tf.cast(size, tf.float64) / scale, tf.int32)  # Python's int(height / sc)
-  top = tf.random.stateless_uniform([], seeds[2], 0, size[0] - crop[0] + 1, dtype=tf.int32)
-  left = tf.random.stateless_uniform([], seeds[3], 0, size[1] - crop[1] + 1, dtype=tf.int32)
+  top = tf.random.stateless_uniform([], seeds[1], 0, size[0] - crop[0] + 1, dtype=tf.int32)
+  left = tf.random.stateless_uniform([], seeds[2], 0, size[1] - crop[1] + 1, dtype=tf.int32)
   out = _crop(example, top, left, crop[0], crop[1])
   out['image'] = _resize_aligned(out['image'], size, 'bilinear')
   for task in _label_keys(example):
@@ -310,8 +305,29 @@ def mtan_scale_crop(example, seed, aug_config, crop_size, semseg_kept=True,
     out[task] = label[..., 0] if example[task].shape.rank == 2 else label
     if kind == tasks_lib.DEPTH:
       out[task] = out[task] / tf.cast(scale, out[task].dtype)
+  return out
+
+
+def mtan_scale_crop(example, seed, aug_config, crop_size, semseg_kept=True,
+                    normalization='unit_range'):
+  """The benchmark's training view (MTPSL dataset/nyuv2ssl.py, cityscapesssl.py):
+  `scale_crop` with `aug_config.scales`, Cityscapes flipping first (`flip`)."""
+  del semseg_kept
+  flip_seed, crop_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+  if aug_config.flip:
+    example = random_flip(example, flip_seed)
+  out = scale_crop(example, crop_seed, aug_config.scales)
   out['image'] = normalize(out['image'], normalization)
   return pad_centred(out, *crop_size)
+
+
+def extra_views(example, seed, count: int, scales=(1.0, 1.2, 1.5)):
+  """`count` further views of a training view for MTPSL's and JTR's regularizers: each
+  an independent `scale_crop` of it (MTPSL nyuv2ssl.py aug_twice; JTR
+  code/datasets/nyuv2.py), image and labels."""
+  view = {k: v for k, v in example.items() if k == 'image' or k in tasks_lib.TASKS}
+  return tuple(scale_crop(view, tf.random.experimental.stateless_fold_in(seed, 1 + i), scales)
+               for i in range(count))
 
 
 def atrc_transform(example, seed, aug_config, crop_size, semseg_kept=True,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import importlib
 
 import jax
 import numpy as np
@@ -19,6 +20,7 @@ import tensorflow_datasets as tfds
 from jax.experimental import multihost_utils
 
 from cmtdp_jax import data as data_lib
+from cmtdp_jax import regularizers
 from cmtdp_jax import tasks as tasks_lib
 from cmtdp_jax.data import augment
 
@@ -170,6 +172,28 @@ def _labelled_lookup(mapping, task_names):
   return lookup
 
 
+def label_derivation(source: Source, name: str):
+  """(target, source task, fn) of `config.data.derive_labels` for `source`'s dataset."""
+  derivations = getattr(importlib.import_module(
+      data_lib.get_dataset_spec(source.dataset).builder_module), 'LABEL_DERIVATIONS', {})
+  if name not in derivations:
+    raise ValueError(f"config.data.derive_labels: '{name}' is not a derivation of dataset "
+                     f"'{source.dataset}' (it has: {', '.join(derivations) or 'none'})")
+  target, origin, _ = derivation = derivations[name]
+  if target not in source.tasks or origin not in source.tasks:
+    raise ValueError(f"config.data.derive_labels='{name}' needs tasks {target} and {origin} "
+                     'in config.tasks')
+  return derivation
+
+
+def derive_missing_labels(example, kept, derivation):
+  """An image without its target label but with the source's gets the derived one."""
+  target, origin, derive = derivation
+  use = ~kept[target] & kept[origin]
+  example = dict(example, **{target: tf.where(use, derive(example[origin]), example[target])})
+  return example, dict(kept, **{target: kept[target] | use})
+
+
 def decoded_examples(source: Source, split: str | None = None) -> tf.data.Dataset:
   """The split's examples in order, decoded and not augmented (tools and tests)."""
   return _read(source, split or source.split).map(_decoder(source))
@@ -196,7 +220,9 @@ def train_dataset(source: Source, config, start_step: int,
 
   With a `label_mapping` ({image id: tasks}, `cmtdp_jax.label_mapping`) every batch
   also has 'labelled': {task: bool [batch]}, whether the image keeps that
-  task's label; order and augmentation are the same as without.
+  task's label; order and augmentation are the same as without. A regularizer
+  with extra views (`regularizers.extra_views`) gets 'views': a tuple of
+  {image, labels} batches, each a scale-crop of the first view.
 
   The sample order is global: every host shuffles the whole split with the
   same seed and keeps its own rows of each global batch, before decoding. So
@@ -231,13 +257,26 @@ def train_dataset(source: Source, config, start_step: int,
   ds = ds.filter(lambda position, _: (position % global_batch) // per_host == process)
   decode = _decoder(source)
   crop = tuple(config.data.crop_size)
+  views = regularizers.extra_views(config)
+  derivation = None
+  if config.data.derive_labels:
+    if label_mapping is None:
+      raise ValueError('config.data.derive_labels fills missing labels: it needs partial '
+                       'labels (config.data.partial_labels or label_mapping)')
+    derivation = label_derivation(source, config.data.derive_labels)
 
   def transform(position, record):
     seed = tf.stack([tf.constant(config.seed, tf.int64), position])
     kept = labelled(record['id']) if label_mapping is not None else {}
-    example = augment.train_transform(decode(record), seed, config.data.augment, crop,
+    example = decode(record)
+    if derivation is not None:
+      example, kept = derive_missing_labels(example, kept, derivation)
+    example = augment.train_transform(example, seed, config.data.augment, crop,
                                       semseg_kept=kept.get('semseg', True),
                                       normalization=config.data.image_normalization)
+    if views:  # the regularizer's extra views, from seeds the first view does not use
+      example['views'] = augment.extra_views(
+          example, tf.random.experimental.stateless_fold_in(seed, 0x7653), views)
     if label_mapping is not None:
       example['labelled'] = kept
     return example

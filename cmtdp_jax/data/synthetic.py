@@ -10,10 +10,24 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
+import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from cmtdp_jax.data import generation
 from cmtdp_jax.data import synthetic_world
+
+def _sal_from_semseg(semseg):
+  """The world's saliency is its object and person classes (synthetic_world: 'sal: 1 on
+  every object and the person, 0 on the room'), so a semseg label gives the sal label."""
+  room = tf.reduce_any(semseg[..., None] == tf.constant(synthetic_world.ROOM_CLASSES,
+                                                        semseg.dtype), axis=-1)
+  return tf.where(semseg == 255, semseg, tf.cast(~room, semseg.dtype))
+
+
+# `config.data.derive_labels` (pipeline.derive_missing_labels): name -> (target task, source
+# task, source label -> target label). Exact in this world: a control whose cross-task
+# supervision is guaranteed, for the regularizer comparison.
+LABEL_DERIVATIONS = {'sal_from_semseg': ('sal', 'semseg', _sal_from_semseg)}
 
 # Scene seeds of the eval split start here, so train and eval never overlap.
 EVAL_SEED_OFFSET = 50_000_000

@@ -6,8 +6,11 @@ float32 outputs at the input resolution (what `tasks.Task.compute_loss` and
 `tasks.Task.decode` take), features are each task's last decoder feature map
 before its prediction layer, the input of the contrastive regularizer.
 
-Frameworks with deep supervision (PAD-Net, MTI-Net) also sow their auxiliary
-predictions, raw, float32 and at the input resolution, in one call per forward:
+The baseline and SegNet frameworks sow the backbone's coarsest map as
+'shared'/'bottleneck' when that collection is mutable (`sow_bottleneck`; MTPSL's
+regularizer reads it). Frameworks with deep supervision (PAD-Net, MTI-Net) also
+sow their auxiliary predictions, raw, float32 and at the input resolution, in
+one call per forward:
 `sow('intermediates', 'aux_predictions', {'<task>/<name>': array, ...})`.
 `steps.compute_losses` gives each entry its task's loss and weight. Nothing is
 sown unless 'intermediates' is mutable, so inference is unaffected.
@@ -50,6 +53,13 @@ def prediction_head(x, task: str, features: int, channels: int, kernel: int, dty
   return nn.Conv(channels, (1, 1), dtype=dtype, name=f'{task}_pred')(feature), feature
 
 
+def sow_bottleneck(module: nn.Module, coarsest):
+  """Sows the backbone's coarsest map as 'shared'/'bottleneck' for a regularizer that
+  reads it (MTPSL's f), only when that collection is mutable (`steps.SHARED`)."""
+  if module.is_mutable_collection('shared'):
+    module.sow('shared', 'bottleneck', coarsest)
+
+
 def sow_aux_predictions(module: nn.Module, raws: Mapping[str, Any], images):
   """Sows deep-supervision outputs `{'<task>/<name>': raw}` at the input resolution."""
   if module.is_mutable_collection('intermediates'):
@@ -79,7 +89,9 @@ class MultiTaskBaseline(nn.Module):
 
   @nn.compact
   def __call__(self, images, train: bool = False):
-    shared = concat_scales(self.backbone(images, train=train))
+    scales = self.backbone(images, train=train)
+    sow_bottleneck(self, scales[-1])
+    shared = concat_scales(scales)
     head_channels = self.head_channels or max(shared.shape[-1] // self.width_divisor, 1)
     predictions, features = {}, {}
     for task, channels in self.task_channels:
@@ -391,7 +403,9 @@ class SegNetHeads(nn.Module):
 
   @nn.compact
   def __call__(self, images, train: bool = False):
-    shared = self.backbone(images, train=train)[0]
+    maps = self.backbone(images, train=train)
+    shared = maps[0]
+    sow_bottleneck(self, maps[-1])
     width = self.head_channels or shared.shape[-1]
     predictions, features = {}, {}
     for task, channels in self.task_channels:
