@@ -55,6 +55,20 @@ def config():
   return config
 
 
+def test_arms_configure_their_regularizer_or_the_control(config):
+  assert design.parse_arms(['mtpsl:2', 'control:1']) == [('mtpsl', 2.0), ('control', 1.0)]
+  for bad in ('vat:1', 'jtr', 'jtr:0'):
+    with pytest.raises(ValueError, match=f"--arms: '{bad}' is not name:weight"):
+      design.parse_arms([bad])
+  mtpsl = design.cell_config(config, 50, 2.0, 'mtpsl', 1, 'one_label')
+  assert (mtpsl.regularizer.name, mtpsl.regularizer.weight) == ('mtpsl', 2.0)
+  assert not mtpsl.contrastive.enable and not mtpsl.data.derive_labels
+  control = design.cell_config(config, 50, 1.0, 'control', 1, 'one_label')
+  assert control.data.derive_labels == 'sal_from_semseg'
+  assert not control.contrastive.enable and not control.regularizer.name
+  assert design.cell_name(1000, 2.0, 'mtpsl', 'one_label') == 'n1000_one_label_w2_mtpsl'
+
+
 def test_study_runs_the_grid_then_extras_at_the_best_weight_and_resumes(tmp_path, monkeypatch,
                                                                           config):
   calls = []

@@ -15,7 +15,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from cmtdp_jax import config_lib
-from cmtdp_jax.studies.tool import running
+from cmtdp_jax.studies.tool import design, running
 
 
 FLAGS = flags.FLAGS
@@ -36,6 +36,8 @@ def define_flags():
   flags.DEFINE_list('extras', ['hard', 'categorical_sources', 'continuous_sources'],
                     'Variants run at the best weight of the largest training set.')
   flags.DEFINE_list('more_seeds', [], 'Seeds added where a paired difference is < 2 SE.')
+  flags.DEFINE_list('arms', [], 'Comparison arms name:weight (mtpsl, jtr, control), run in '
+                    'every regime and training size beside the weights.')
   flags.DEFINE_list('pilot_weights', [], "Weights of the pilot that picks --weights' 'pilot'.")
   flags.DEFINE_list('pilot_seeds', ['100'], 'Seeds of the pilot (not the study\'s).')
   flags.DEFINE_integer('pilot_steps', 0, 'Steps of a pilot run (0 = config.num_steps).')
@@ -72,7 +74,8 @@ def _run_from_flags():
             train_missing=not FLAGS.summarize_only, regimes=list(FLAGS.regimes),
             pilot_weights=[float(w) for w in FLAGS.pilot_weights],
             pilot_seeds=[int(s) for s in FLAGS.pilot_seeds], pilot_steps=FLAGS.pilot_steps,
-            readme=FLAGS.readme, readme_marker=FLAGS.readme_marker)
+            readme=FLAGS.readme, readme_marker=FLAGS.readme_marker,
+            arms=design.parse_arms(FLAGS.arms))
 
 
 if __name__ == '__main__':

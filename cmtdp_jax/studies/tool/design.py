@@ -34,6 +34,31 @@ def source_pairs(task_names, continuous: bool) -> tuple[tuple[str, str], ...]:
                (tasks_lib.get_task(s).label_kind in CONTINUOUS_KINDS) == continuous)
 
 
+# Arms of a comparison (`--arms name:weight`), run in every regime and training size beside
+# the weight grid: another regularizer at its weight, or the positive control, which fills a
+# missing sal label from the kept semseg label (synthetic.LABEL_DERIVATIONS, exact in this
+# world) and has no regularizer; its weight only names the cell.
+REGULARIZER_ARMS = ('mtpsl', 'jtr')
+CONTROL_ARM = 'control'
+ARMS = (*REGULARIZER_ARMS, CONTROL_ARM)
+
+
+def parse_arms(values) -> list[tuple[str, float]]:
+  """`--arms` entries 'name:weight' as (name, weight)."""
+  arms = []
+  for value in values:
+    name, _, weight = value.partition(':')
+    try:
+      weight = float(weight)
+    except ValueError:
+      weight = -1.0
+    if name not in ARMS or weight <= 0:
+      raise ValueError(f"--arms: '{value}' is not name:weight with a name of "
+                       f"{', '.join(ARMS)} and a weight > 0")
+    arms.append((name, weight))
+  return arms
+
+
 def extra_overrides(name: str, task_names) -> dict:
   if name == 'hard':
     return {'strategy': 'hard'}
@@ -91,9 +116,14 @@ def cell_config(config, train_size: int, weight: float, extra: str, seed: int,
   config = config.copy_and_resolve_references()
   config.seed = seed
   config.data.num_train = train_size
-  config.contrastive.enable = weight > 0
+  config.contrastive.enable = weight > 0 and extra not in ARMS
   config.contrastive.weight = weight
-  if extra:
+  if extra in REGULARIZER_ARMS:
+    config.regularizer.name = extra
+    config.regularizer.weight = weight
+  elif extra == CONTROL_ARM:
+    config.data.derive_labels = 'sal_from_semseg'
+  elif extra:
     config.contrastive.update(extra_overrides(extra, config.tasks))
   partial, fraction = regime_labels(regime)
   if partial:

@@ -50,10 +50,13 @@ def regularizer_share(workdir: str) -> float | None:
   """Mean over the logged train steps (each start's first step included) of
   lambda * regularizer / total loss (TensorBoard)."""
   values = train_scalars(workdir)
-  shares = [float(v['train/loss/contrastive']) / float(v['train/loss/total'])
-            for v in values.values()
-            if 'train/loss/contrastive' in v and v.get('train/loss/total')]
+  shares = [float(v[tag]) / float(v['train/loss/total']) for v in values.values()
+            for tag in REGULARIZER_LOSSES if tag in v and v.get('train/loss/total')]
   return float(np.mean(shares)) if shares else None
+
+
+# Each regularizer's logged loss (steps.compute_losses: 'loss/<its param_key>').
+REGULARIZER_LOSSES = ('train/loss/contrastive', 'train/loss/mtpsl', 'train/loss/jtr')
 
 
 def float32_hex(value) -> str:

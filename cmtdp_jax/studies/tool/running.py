@@ -182,10 +182,11 @@ class Study:
 def run_study(config, workdir: str, results_dir: str, weights, train_sizes, seeds, extras,
               more_seeds, analyze: bool, train_missing: bool = True, regimes=('full',),
               pilot_weights=(), pilot_seeds=(100,), pilot_steps: int = 0, readme: str = '',
-              readme_marker: str = 'study table') -> dict:
+              readme_marker: str = 'study table', arms=()) -> dict:
   """Runs (or, without `train_missing`, only summarizes) the study; returns the summary.
 
-  `weights` are floats, or 'pilot' for the best of `pilot_weights`."""
+  `weights` are floats, or 'pilot' for the best of `pilot_weights`; `arms` are
+  (name, weight) of `design.ARMS`, run in every regime and size after the grid."""
   tasks = tuple(config.tasks)
   regimes = list(regimes)
   for regime in regimes:
@@ -215,6 +216,8 @@ def run_study(config, workdir: str, results_dir: str, weights, train_sizes, seed
       for train_size in train_sizes:
         for weight in grid_weights:
           study.run(design.Cell(train_size, weight, '', regime), seed)
+        for name, weight in arms:
+          study.run(design.Cell(train_size, weight, name, regime), seed)
   # The extras' lambda is decided on `seeds` alone: extra seeds refine the cells, they do
   # not move the extras to another lambda (which would rerun all of them).
   best = summarize.best_weight(study.summaries(tasks), largest)
@@ -238,7 +241,8 @@ def run_study(config, workdir: str, results_dir: str, weights, train_sizes, seed
   added = ({(s['train_size'], s['weight'], s['extra'], s['regime']) for s in undecided}
            | {(s['train_size'], 0.0, '', s['regime']) for s in undecided})
   pilot_runs = len([w for w in pilot_weights if w > 0]) + (1 if pilot_weights else 0)
-  planned = ((len(weights) * len(train_sizes) * len(regimes) + len(extras)) * len(seeds)
+  planned = (((len(weights) + len(arms)) * len(train_sizes) * len(regimes) + len(extras))
+             * len(seeds)
              + len(added) * len(more_seeds) + pilot_runs * len(pilot_seeds))
   finished = study.finished()
   so_far = ' so far' if finished < planned else ''
@@ -269,6 +273,7 @@ def run_study(config, workdir: str, results_dir: str, weights, train_sizes, seed
              + '\n'.join(dropped) + '\n')
   summary = {'design': {'weights': weights, 'train_sizes': train_sizes, 'seeds': seeds,
                         'extras': extras, 'more_seeds': more_seeds,
+                        **({'arms': [f'{n}:{w:g}' for n, w in arms]} if arms else {}),
                         'num_steps': config.num_steps, 'regimes': regimes,
                         'pilot_weights': list(pilot_weights), 'pilot_seeds': list(pilot_seeds),
                         'pilot_steps': pilot_steps},
