@@ -17,8 +17,8 @@ options, evaluation) is the dataset's ATRC protocol.
 The partial-label benchmark (`configs/nyuv2_segnet.py`,
 `configs/cityscapes_segnet.py`) is MTPSL's protocol instead
 (`partial_label_config`, `PARTIAL_LABEL_BENCHMARK`); its variants name the
-label setting: full, onelabel or randomlabels, plus `contrastive` and
-`balanced` (DiffusionMTL's loss normalisation).
+label setting (full, onelabel or randomlabels), a regularizer (`contrastive` =
+ours, `mtpsl`, `jtr`) and `balanced` (DiffusionMTL's loss normalisation).
 """
 
 from __future__ import annotations
@@ -165,7 +165,8 @@ def partial_label_config(dataset: str, variant: str = '') -> ml_collections.Conf
   """MTPSL's protocol on `dataset` with MTAN's split SegNet; `variant` (comma-separated):
   the label setting (default full; onelabel / randomlabels read MTPSL's file of that
   name from the working directory unless config.data.label_mapping says where it is),
-  'contrastive', and 'balanced' (DiffusionMTL's per-image loss balance)."""
+  a regularizer ('contrastive' = ours, 'mtpsl', 'jtr'), and 'balanced' (DiffusionMTL's
+  per-image loss balance)."""
   benchmark = PARTIAL_LABEL_BENCHMARK[dataset]
   spec = data_lib.get_dataset_spec(dataset)
   config = config_lib.base_config()
@@ -198,17 +199,23 @@ def partial_label_config(dataset: str, variant: str = '') -> ml_collections.Conf
   config.num_steps = benchmark.epochs * steps_per_epoch
   config.eval_every = steps_per_epoch  # every epoch, as they do (their selection needs it)
   config.checkpoint_every = steps_per_epoch
+  # MTPSL's and JTR's networks at their published (SegNet) widths.
+  config.regularizer.mtpsl.widths = 'segnet'
+  config.regularizer.jtr.widths = 'segnet'
+
   setting = 'full'
   for token in filter(None, (t.strip() for t in variant.split(','))):
     if token in benchmark.settings:
       setting = token
     elif token == 'contrastive':
       config.contrastive.enable = True
+    elif token in ('mtpsl', 'jtr'):
+      config.regularizer.name = token
     elif token == 'balanced':
       config.loss_normalization = 'per_image_balanced'
     else:
       raise ValueError(f"unknown config variant '{token}' (valid: "
-                       f"{', '.join(benchmark.settings)}, contrastive, balanced)")
+                       f"{', '.join(benchmark.settings)}, contrastive, mtpsl, jtr, balanced)")
   if setting != 'full':
     config.data.label_mapping = f'{setting}.pth'
   config.eval.delta_m_reference = f'{benchmark.reference_prefix}_{setting}'

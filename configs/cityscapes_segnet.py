@@ -8,8 +8,9 @@
   python -m cmtdp_jax.tools.benchmark_report /tmp/cs_one
 
 MTPSL publishes no random-label file for Cityscapes (docs/partial_label_benchmark.md).
-Variants after ':' (comma-separated, cmtdp_jax/protocol.py): full (default), onelabel;
-contrastive; balanced (DiffusionMTL's loss normalisation instead of MTPSL's).
+Variants after ':' (comma-separated, cmtdp_jax/protocol.py): full (default), onelabel; a
+regularizer: contrastive (ours), mtpsl or jtr; balanced (DiffusionMTL's loss normalisation
+instead of MTPSL's).
 """
 
 from cmtdp_jax import protocol

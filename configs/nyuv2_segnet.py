@@ -12,8 +12,8 @@
 
 The split files are read as published (MTPSL, JTR and DiffusionMTL ship the same
 bytes; docs/partial_label_benchmark.md). Variants after ':' (comma-separated,
-cmtdp_jax/protocol.py): full (default), onelabel, randomlabels; contrastive;
-balanced (DiffusionMTL's loss normalisation instead of MTPSL's).
+cmtdp_jax/protocol.py): full (default), onelabel, randomlabels; a regularizer: contrastive
+(ours), mtpsl or jtr; balanced (DiffusionMTL's loss normalisation instead of MTPSL's).
 """
 
 from cmtdp_jax import protocol

@@ -236,4 +236,6 @@ def test_benchmark_configs_parse_with_every_variant():
       assert config.loss_normalization == 'per_image_balanced'
   with pytest.raises(ValueError, match="unknown config variant 'randomlabels'"):
     protocol.partial_label_config('cityscapes_mtan', 'randomlabels')
+  config = protocol.partial_label_config('nyuv2_mtan', 'onelabel,mtpsl')
+  assert config.regularizer.name == 'mtpsl' and config.regularizer.mtpsl.widths == 'segnet'
   assert jax.devices()
