@@ -126,6 +126,14 @@ def check_depth(path, depth):
   return np.where(valid, depth, 0.0).astype(np.float32)
 
 
+def read_depth_npy(path, size):
+  """A depth .npy of H x W or H x W x 1, checked (`check_depth`) and of the image's size."""
+  depth = read_npy(path).astype(np.float32)
+  if depth.ndim == 3 and depth.shape[-1] == 1:
+    depth = depth[..., 0]
+  return check_depth(path, check_shape(path, depth, size))
+
+
 def check_disjoint(split_lists):
   """Every split list after the first (train) shares no id with the first."""
   (train_path, train_ids), *others = split_lists.items()

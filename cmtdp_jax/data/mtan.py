@@ -59,13 +59,6 @@ def _semseg(path, size, num_classes):
   return folder_io.categorical(np.where(label < 0, tasks_lib.IGNORE_LABEL, label))
 
 
-def _depth(path, size):
-  depth = folder_io.read_npy(path).astype(np.float32)
-  if depth.ndim == 3 and depth.shape[-1] == 1:
-    depth = depth[..., 0]
-  return folder_io.check_depth(path, folder_io.check_shape(path, depth, size))
-
-
 def _normals(path, size):
   normals = folder_io.read_npy(path).astype(np.float32)
   return folder_io.check_shape(path, normals, size, channels=3)
@@ -119,7 +112,7 @@ class _MtanBuilder(generation.Builder, skip_registration=True):
       size = image.shape[:2]
       example = {'id': files['id'], 'image': image,
                  'semseg': _semseg(files['semseg'], size, num_classes),
-                 'depth': _depth(files['depth'], size)}
+                 'depth': folder_io.read_depth_npy(files['depth'], size)}
       if 'normals' in files:
         example['normals'] = normals_check(files['normals'], _normals(files['normals'], size))
       yield int(files['id']), example

@@ -73,13 +73,6 @@ def _semseg(path, size):
   return folder_io.categorical(np.where(raw == 0, tasks_lib.IGNORE_LABEL, raw.astype(np.int64) - 1))
 
 
-def _depth(path, size):
-  depth = folder_io.read_npy(path).astype(np.float32)
-  if depth.ndim == 3 and depth.shape[-1] == 1:
-    depth = depth[..., 0]
-  return folder_io.check_depth(path, folder_io.check_shape(path, depth, size))
-
-
 def _normals(path, size):
   if path.endswith('.png'):
     normals = 2.0 * folder_io.read_png(path).astype(np.float32) / 255.0 - 1.0
@@ -101,7 +94,8 @@ def _edge(path, size):
 
 
 # Each task's label file -> its stored feature value.
-_READERS = {'semseg': _semseg, 'depth': _depth, 'normals': _normals, 'edge': _edge}
+_READERS = {'semseg': _semseg, 'depth': folder_io.read_depth_npy, 'normals': _normals,
+            'edge': _edge}
 
 
 class Nyud(generation.Builder):

@@ -81,11 +81,10 @@ import jax.numpy as jnp
 
 from cmtdp_jax import tasks as tasks_lib
 from cmtdp_jax.models.backbones.segnet import CONV_INIT, max_pool_with_argmax, max_unpool
+from cmtdp_jax.regularizers.layers import ImageNorm, cosine_similarity, gumbel_hard
 
 # The normal distribution whose CDF maps depth to [0, 1] (`process.py` `_avg`, `_std`).
 DEPTH_MEAN, DEPTH_STD = 2.3618, 1.5876
-BN_EPSILON = 1e-5
-COSINE_EPSILON = 1e-12
 DEPTH_SQUASH = 1e-5  # (sigmoid(x) - 0.5) * (1 - 1e-5) + 0.5 in get_recon_loss_depth
 # A categorical task's Gumbel draws, in the order the reference makes them per image.
 GUMBEL_DRAWS = (
@@ -95,22 +94,6 @@ GUMBEL_DRAWS = (
     'recon_target_y2',    # the target of Y2's reconstruction where unlabelled
     'recon_target_yhat2',  # the target of Y-hat2's reconstruction (always)
 )
-
-
-class ImageNorm(nn.Module):
-  """BatchNorm in train mode over one image: each image's channels normalised by
-  that image's mean and biased variance over its pixels, then scaled and shifted.
-  (The reference applies BatchNorm2d to a batch of one image.)"""
-  epsilon: float = BN_EPSILON
-
-  @nn.compact
-  def __call__(self, x):
-    channels = x.shape[-1]
-    scale = self.param('scale', nn.initializers.ones, (channels,), jnp.float32)
-    bias = self.param('bias', nn.initializers.zeros, (channels,), jnp.float32)
-    mean = jnp.mean(x, axis=(1, 2), keepdims=True)
-    var = jnp.mean(jnp.square(x - mean), axis=(1, 2), keepdims=True)
-    return (x - mean) * jax.lax.rsqrt(var + self.epsilon) * scale + bias
 
 
 class JointNetwork(nn.Module):
@@ -161,32 +144,6 @@ def depth_cdf(x):
   """`process._transform`: the N(2.3618, 1.5876) CDF, written as torch's Normal.cdf."""
   return 0.5 * (1.0 + jax.scipy.special.erf(
       (x - DEPTH_MEAN) * (1.0 / DEPTH_STD) / math.sqrt(2.0)))
-
-
-def hard_gumbel(logits, noise):
-  """`gumbel.gumbel_softmax(tau=1, hard=True)` along the last axis with the given
-  Gumbel(0, 1) `noise`: one-hot of the soft sample's argmax in value, the soft
-  sample's gradient (y_hard - stop_gradient(y_soft) + y_soft)."""
-  soft = jax.nn.softmax(logits + noise, axis=-1)
-  hard = jax.nn.one_hot(jnp.argmax(soft, axis=-1), logits.shape[-1], dtype=soft.dtype)
-  return hard - jax.lax.stop_gradient(soft) + soft
-
-
-def _norm(x):
-  """L2 norm over the last axis, with torch's zero gradient at zero vectors."""
-  squared = jnp.sum(jnp.square(x), axis=-1)
-  positive = squared > 0
-  return jnp.where(positive, jnp.sqrt(jnp.where(positive, squared, 1.0)), 0.0)
-
-
-def cosine_similarity(a, b, eps=COSINE_EPSILON):
-  """torch's F.cosine_similarity over the last axis: each vector divided by its norm
-  clamped at `eps` (the clamp in value only, as torch clamps in place without grad)."""
-  def unit(x):
-    norm = _norm(x)
-    clamped = norm + jax.lax.stop_gradient(jnp.maximum(norm, eps) - norm)
-    return x / clamped[..., None]
-  return jnp.sum(unit(a) * unit(b), axis=-1)
 
 
 def _per_image(x, labelled_b):
@@ -341,13 +298,13 @@ class JTR(nn.Module):
       lab1, lab2 = _per_image(pred1, kept), _per_image(pred2, kept)
       if kind == tasks_lib.CATEGORICAL:
         noise = self._noise(rng, gumbel_noise, task, index, pred1.shape, dtype)
-        yhat1.append(hard_gumbel(pred1, noise[0]) * mask1)
-        y1.append(jnp.where(lab1, label1, hard_gumbel(pred1, noise[1]) * mask1))
+        yhat1.append(gumbel_hard(pred1, noise[0]) * mask1)
+        y1.append(jnp.where(lab1, label1, gumbel_hard(pred1, noise[1]) * mask1))
         yhat2.append(jax.nn.softmax(pred2, axis=-1) * mask2)
-        y2.append(jnp.where(lab2, label2, hard_gumbel(pred2, noise[2]) * mask2))
+        y2.append(jnp.where(lab2, label2, gumbel_hard(pred2, noise[2]) * mask2))
         recon_terms.append((kind,
-                            jnp.where(lab2, label2, hard_gumbel(pred2, noise[3]) * mask2),
-                            hard_gumbel(pred2, noise[4]) * mask2))
+                            jnp.where(lab2, label2, gumbel_hard(pred2, noise[3]) * mask2),
+                            gumbel_hard(pred2, noise[4]) * mask2))
       elif kind == tasks_lib.DEPTH:
         yhat1.append(depth_cdf(pred1 * mask1))
         y1.append(jnp.where(lab1, depth_cdf(label1), depth_cdf(pred1 * mask1)))

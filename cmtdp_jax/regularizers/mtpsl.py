@@ -67,11 +67,8 @@ import jax.numpy as jnp
 
 from cmtdp_jax import tasks as tasks_lib
 from cmtdp_jax.models.backbones.segnet import CONV_INIT, max_pool_with_argmax
-
-BN_EPSILON = 1e-5  # torch.nn.BatchNorm2d's default, as in MTPSL
-COSINE_EPSILON = 1e-12  # compute_loss: F.cosine_similarity(..., eps=1e-12)
+from cmtdp_jax.regularizers.layers import ImageNorm, cosine_similarity, gumbel_hard
 DEPTH_EPSILON = 1e-12  # pre_process_pred / pre_process_gt: x / (x.max() + 1e-12)
-GUMBEL_TAU = 1.0
 FILM = 'film'  # the submodule holding a conv_task's gamma and beta tables
 
 # How a task's maps enter the network (registry kinds, a binary categorical split out).
@@ -112,47 +109,6 @@ def film_params(path) -> bool:
   own Adam (lr 1e-3), the rest of the mapping network with the model's optimizer."""
   names = tuple(str(getattr(k, 'key', getattr(k, 'name', k))) for k in path)
   return len(names) >= 2 and names[-2] == FILM and names[-1] in ('gamma', 'beta')
-
-
-def gumbel_hard(logits, noise, tau: float = GUMBEL_TAU):
-  """`F.gumbel_softmax(logits, tau, hard=True)` over the last axis with the Gumbel
-  draws `noise` given: the one-hot of the soft sample's argmax in the forward pass,
-  the soft sample's gradient (as torch: y_hard - y_soft.detach() + y_soft)."""
-  soft = jax.nn.softmax((logits + noise) / tau, axis=-1)
-  hard = jax.nn.one_hot(jnp.argmax(soft, axis=-1), soft.shape[-1], dtype=soft.dtype)
-  return hard - jax.lax.stop_gradient(soft) + soft
-
-
-def _clamped_norm(x, eps: float):
-  """The L2 norm over the last axis, its value clamped below at `eps` as torch's
-  cosine_similarity does under no_grad: the gradient is the unclamped norm's, and
-  0 (not NaN) for a zero vector, as torch's vector_norm backward."""
-  squares = jnp.sum(x * x, axis=-1, keepdims=True)
-  positive = squares > 0
-  norm = jnp.where(positive, jnp.sqrt(jnp.where(positive, squares, 1.0)), 0.0)
-  return norm + jax.lax.stop_gradient(jnp.maximum(norm, eps) - norm)
-
-
-def cosine_similarity(a, b, eps: float = COSINE_EPSILON):
-  """torch 2.x `F.cosine_similarity` over the last axis: sum((a / max(|a|, eps)) *
-  (b / max(|b|, eps))), each vector normalised first (not w12 / sqrt(w1 w2))."""
-  return jnp.sum((a / _clamped_norm(a, eps)) * (b / _clamped_norm(b, eps)), axis=-1)
-
-
-class ImageNorm(nn.Module):
-  """BatchNorm2d in train mode on a batch of one image, for each image of [N, H, W, C]:
-  each image normalised by its own per-channel mean and biased variance, then
-  scaled and shifted (learnable, init 1 / 0). No running statistics."""
-  epsilon: float = BN_EPSILON
-
-  @nn.compact
-  def __call__(self, x):
-    channels = x.shape[-1]
-    scale = self.param('scale', nn.initializers.ones, (channels,), jnp.float32)
-    bias = self.param('bias', nn.initializers.zeros, (channels,), jnp.float32)
-    mean = jnp.mean(x, axis=(1, 2), keepdims=True)
-    variance = jnp.mean(jnp.square(x - mean), axis=(1, 2), keepdims=True)
-    return (x - mean) * jax.lax.rsqrt(variance + self.epsilon) * scale + bias
 
 
 class FiLM(nn.Module):
