@@ -55,8 +55,9 @@ def prediction_head(x, task: str, features: int, channels: int, kernel: int, dty
 
 def sow_bottleneck(module: nn.Module, coarsest):
   """Sows the backbone's coarsest map as 'shared'/'bottleneck' for a regularizer that
-  reads it (MTPSL's f), only when that collection is mutable (`steps.SHARED`)."""
-  if module.is_mutable_collection('shared'):
+  reads it (MTPSL's f), only when a step asks for that collection (`steps.SHARED`):
+  not at init, whose variables stay params and batch_stats."""
+  if module.is_mutable_collection('shared') and not module.is_initializing():
     module.sow('shared', 'bottleneck', coarsest)
 
 
