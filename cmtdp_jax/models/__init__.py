@@ -10,7 +10,7 @@ from typing import Sequence
 import jax.numpy as jnp
 
 from cmtdp_jax import tasks as tasks_lib
-from cmtdp_jax.models import frameworks
+from cmtdp_jax.models import frameworks, invpt
 from cmtdp_jax.models.backbones import get_backbone
 
 FRAMEWORKS = {
@@ -21,6 +21,7 @@ FRAMEWORKS = {
     'single_task': frameworks.SingleTask,
     'vit_mt': frameworks.ViTMultiTask,
     'segnet': frameworks.SegNetHeads,
+    'invpt': invpt.InvPT,
 }
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
@@ -41,6 +42,8 @@ def get_model(model_config, task_names: Sequence[str], num_classes: dict[str, in
   options = {}
   if model_config.get('backbone_kwargs_for', '') in ('', model_config.backbone):
     options.update(model_config.get('backbone_kwargs', {}))
+  # A framework may need a backbone option (InvPT: the ViT's raw taps, pyramid='none').
+  options.update(getattr(FRAMEWORKS[model_config.framework], 'backbone_kwargs', {}))
   if model_config.get('remat'):  # only then: registered backbones need not know the option
     options['remat'] = True
   backbone = get_backbone(model_config.backbone, dtype=dtype, **options)

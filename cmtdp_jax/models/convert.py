@@ -24,6 +24,10 @@ are first renamed to timm's keys by `vit_npz_to_timm`, as timm's
 MTPSL / MTAN SegNet checkpoints (trunk and task heads) convert to the whole
 `segnet` framework with `convert_segnet_state_dict`; `pred_task<k>` become
 the k-th task's `<task>_head` / `<task>_pred`, and `logsigma` is skipped.
+
+InvPT's decoder and heads (prismformore/Multi-Task-Transformer TransformerNet,
+framework 'invpt') convert with `convert_invpt_decoder_state_dict`, module by
+module (`_invpt_modules`); its 'backbone.' keys are timm's ViT.
 """
 
 from __future__ import annotations
@@ -369,4 +373,131 @@ def convert_segnet_state_dict(state_dict: Mapping[str, Any],
     raise CheckpointMismatchError(_mismatch_report(
         f'state_dict does not match segnet with tasks {task_channels} and widths '
         f'{tuple(widths)}', missing, unexpected, misshaped))
+  return traverse_util.unflatten_dict(flat)
+
+
+# InvPT (prismformore/Multi-Task-Transformer): its TransformerNet's decoder and heads ->
+# the `invpt` framework's variables outside 'backbone'. Keys InvPT builds but never uses
+# in its forward are skipped: the third backbone skip conv, the last stage's extra
+# LayerNorm, the first stage's channel reduction and attention-fusion conv.
+INVPT_UNUSED_PREFIXES = ('multi_task_decoder.scale_embed.2.', 'multi_task_decoder.invpt.norm_mt.',
+                         'multi_task_decoder.invpt.redu_chan.0.',
+                         'multi_task_decoder.invpt.invpt_stages.0.blocks.0.attn.fuse_attn.')
+_INVPT_LEAVES = {
+    'conv': {'weight': 'kernel', 'bias': 'bias'}, 'dense': {'weight': 'kernel', 'bias': 'bias'},
+    'ln': {'weight': 'scale', 'bias': 'bias'},
+    'bn': {'weight': 'scale', 'bias': 'bias', 'running_mean': 'mean', 'running_var': 'var'},
+}
+_INVPT_LEAVES['convT'] = _INVPT_LEAVES['fuse'] = _INVPT_LEAVES['conv']
+
+
+def _invpt_modules(tasks: Sequence[str], num_stages: int = 3) -> list[tuple[str, tuple, str]]:
+  """(InvPT module path, our module path, kind) of every module with weights."""
+  d, inv = 'multi_task_decoder.', 'multi_task_decoder.invpt.'
+  modules = [(d + 'scale_embed.0', ('scale_embed_0',), 'convT'),
+             (d + 'scale_embed.1', ('scale_embed_1',), 'conv')]
+  for t in tasks:
+    for j in (0, 1):
+      ours = f'preliminary_decoder_{t}_{j}'
+      modules += [(f'{d}preliminary_decoder.{t}.{j}.conv', (ours, 'conv'), 'conv'),
+                  (f'{d}preliminary_decoder.{t}.{j}.bn1', (ours, 'bn1'), 'bn')]
+    modules += [(f'{d}intermediate_head.{t}', (f'intermediate_head_{t}',), 'conv'),
+                (f'{inv}mix_proj.{t}.0', (f'mix_proj_{t}',), 'conv'),
+                (f'{inv}mt_proj.{t}.0', (f'mt_proj_{t}_0',), 'conv'),
+                (f'{inv}mt_proj.{t}.1', (f'mt_proj_{t}_1',), 'bn'),
+                (f'heads.{t}.linear_pred', (f'heads_{t}_linear_pred',), 'conv')]
+  for s in range(num_stages):
+    stage, block, ours = f'{inv}invpt_stages.{s}.', f'{inv}invpt_stages.{s}.blocks.0.', f'stage{s}_block'
+    modules += [(f'{inv}norm_mts.{s}', (f'norm_mts_{s}',), 'ln')]
+    modules += [(block + name, (ours, name), 'ln') for name in ('norm1', 'norm2')]
+    modules += [(f'{block}mlp.{name}', (ours, 'mlp', name), 'dense') for name in ('fc1', 'fc2')]
+    modules += [(f'{block}attn.{name}', (ours, 'attn', name), 'dense')
+                for name in ('proj_q', 'proj_k', 'proj_v', 'proj')]
+    if s > 0:
+      modules += [(f'{block}attn.fuse_attn', (ours, 'attn', 'fuse_attn'), 'fuse')]
+    for i in range(len(tasks)):
+      modules += [(f'{block}attn.conv_proj_q.{i}.conv', (ours, 'attn', f'conv_proj_q_{i}_conv'),
+                   'conv'),
+                  (f'{block}attn.conv_proj_q.{i}.bn', (ours, 'attn', f'conv_proj_q_{i}_bn'), 'bn')]
+      if s > 0:
+        embed = f'stage{s}_patch_embed_{i}'
+        modules += [(f'{stage}patch_embed.{i}.proj.{k}', (embed, f'proj_{k}'),
+                     'conv' if k in (1, 4) else 'bn') for k in (1, 2, 4, 5)]
+        modules += [(f'{inv}redu_chan.{s}.{i}', (f'redu_chan_{s}_{i}',), 'conv')]
+  return modules
+
+
+def _invpt_value(kind: str, leaf: str, value: np.ndarray) -> np.ndarray:
+  if leaf != 'weight':
+    return value
+  if kind == 'conv':  # OIHW -> HWIO (depthwise: (C, 1, 3, 3) -> (3, 3, 1, C))
+    return value.transpose(2, 3, 1, 0)
+  if kind == 'convT':  # ConvTranspose2d (in, out, kh, kw) -> flipped HWIO of the dilated conv
+    return value.transpose(2, 3, 0, 1)[::-1, ::-1]
+  if kind == 'fuse':  # 1x1 Conv2d over the heads -> Dense
+    return value[:, :, 0, 0].T
+  return value.T if kind == 'dense' else value
+
+
+@functools.cache
+def _invpt_shapes(task_channels: tuple[tuple[str, int], ...], dim: int, head_channels,
+                  prediction_channels) -> dict[tuple[str, ...], tuple[int, ...]]:
+  import flax.linen as nn  # pylint: disable=import-outside-toplevel
+  from cmtdp_jax.models.invpt import InvPT  # pylint: disable=import-outside-toplevel
+
+  class Taps(nn.Module):  # stands in for the ViT: four stride-16 maps of `dim` channels
+    @nn.compact
+    def __call__(self, images, train=False):
+      return [jnp.zeros((images.shape[0], images.shape[1] // 16, images.shape[2] // 16, dim))] * 4
+
+  model = InvPT(Taps(), task_channels, head_channels, prediction_channels)
+  variables = jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0),
+                             jax.ShapeDtypeStruct((1, 64, 64, 3), jnp.float32))
+  return {path: tuple(leaf.shape) for path, leaf in traverse_util.flatten_dict(variables).items()}
+
+
+def convert_invpt_decoder_state_dict(state_dict: Mapping[str, Any],
+                                     task_channels: Sequence[tuple[str, int]], dim: int,
+                                     head_channels: int | None = None,
+                                     prediction_channels: int | None = None) -> dict[str, Any]:
+  """InvPT TransformerNet state_dict (numpy arrays) -> the `invpt` framework's variables
+  except the backbone's.
+
+  `task_channels` = ((task, output channels), ...) in InvPT's task order (p.TASKS.NAMES:
+  the attention's per-task modules are numbered in it); `dim` is the ViT's width,
+  `head_channels` / `prediction_channels` InvPT's embed_dim / PRED_OUT_NUM_CONSTANT (None:
+  the framework's defaults, dim / 2 and dim / 16). Returns {'params': ...,
+  'batch_stats': ...} to merge with the backbone's. 'backbone.*' keys (the ViT, timm's
+  layout), num_batches_tracked and INVPT_UNUSED_PREFIXES are skipped. Raises
+  CheckpointMismatchError naming every missing, unexpected or mis-shaped key on one line.
+  """
+  task_channels = tuple((str(t), int(c)) for t, c in task_channels)
+  expected = _invpt_shapes(task_channels, int(dim), head_channels, prediction_channels)
+  routes = {}
+  for torch_path, ours, kind in _invpt_modules([t for t, _ in task_channels]):
+    for leaf, flax_leaf in _INVPT_LEAVES[kind].items():
+      collection = 'batch_stats' if flax_leaf in ('mean', 'var') else 'params'
+      path = (collection, *ours, flax_leaf)
+      if path in expected:
+        routes[f'{torch_path}.{leaf}'] = (path, kind, leaf)
+  flat, unexpected, misshaped = {}, [], []
+  for key, value in state_dict.items():
+    if (key.startswith('backbone.') or key.endswith('num_batches_tracked')
+        or key.startswith(INVPT_UNUSED_PREFIXES)):
+      continue
+    if key not in routes:
+      unexpected.append(key)
+      continue
+    path, kind, leaf = routes[key]
+    value = _invpt_value(kind, leaf, np.asarray(value, np.float32))
+    if value.shape != expected[path]:
+      misshaped.append(f'{key} {tuple(np.shape(state_dict[key]))}')
+    flat[path] = value
+  missing = [k for k, (path, _, _) in routes.items() if path not in flat]
+  missing += ['/'.join(p) for p in expected if p[1] != 'backbone' and p not in
+              {route[0] for route in routes.values()}]
+  if missing or unexpected or misshaped:
+    raise CheckpointMismatchError(
+        f'state_dict does not match invpt with tasks {task_channels} and dim {dim}: '
+        f'missing {missing}; unexpected {unexpected}; mis-shaped {misshaped}')
   return traverse_util.unflatten_dict(flat)

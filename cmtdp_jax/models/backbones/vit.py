@@ -27,6 +27,12 @@ for the `img_size` grid, is resized to the input's grid as timm's
 `dynamic_img_size` does (`resample_abs_pos_embed`: torch bicubic with
 antialias=True, which is PIL's separable bicubic resampling, Keys a=-0.5;
 see `resize_grid`).
+
+`pyramid='none'` skips the pyramid and returns the four tapped token maps
+themselves, all at stride 16 with `dim` channels (class token dropped; the
+last one after the final norm, the others before it), as InvPT's ViT
+(prismformore/Multi-Task-Transformer, InvPT/models/transformers/vit.py,
+`select_list`) hands them to its decoder (framework 'invpt').
 """
 
 from __future__ import annotations
@@ -194,6 +200,8 @@ class VisionTransformer(nn.Module):
     taps: ascending indices of the blocks that feed the pyramid, finest level
       first (default: `default_taps`); blocks after the last are not built.
     pyramid_channels: channels of every pyramid level.
+    pyramid: 'simple' (ViTDet's simple feature pyramid, strides 4/8/16/32) or
+      'none' (the tapped token maps, stride 16, `dim` channels; no new layers).
     remat: recompute every block in the backward pass (nn.remat) instead of
       storing its activations.
   """
@@ -205,16 +213,19 @@ class VisionTransformer(nn.Module):
   img_size: int = 224
   taps: tuple[int, ...] | None = None
   pyramid_channels: int = 256
+  pyramid: str = 'simple'
   dtype: Dtype = jnp.float32
   remat: bool = False
 
+  PYRAMIDS = ('simple', 'none')
+
   @property
   def feature_channels(self) -> tuple[int, ...]:
-    return (self.pyramid_channels,) * 4
+    return (self.pyramid_channels if self.pyramid == 'simple' else self.dim,) * 4
 
   @property
   def feature_strides(self) -> tuple[int, ...]:
-    return (4, 8, 16, 32)
+    return (4, 8, 16, 32) if self.pyramid == 'simple' else (self.patch_size,) * 4
 
   @property
   def block_indices(self) -> tuple[int, ...]:
@@ -231,7 +242,10 @@ class VisionTransformer(nn.Module):
     block = nn.remat(Block) if self.remat else Block
     self.blocks = [block(self.num_heads, self.mlp_ratio, self.dtype) for _ in range(self.depth)]
     self.norm = layer_norm(self.dtype)
-    self.pyramid = SimpleFeaturePyramid(self.pyramid_channels, self.dtype)
+    if self.pyramid not in self.PYRAMIDS:
+      raise ValueError(f"ViT pyramid='{self.pyramid}' is not one of {', '.join(self.PYRAMIDS)}")
+    if self.pyramid == 'simple':
+      self.simple_pyramid = SimpleFeaturePyramid(self.pyramid_channels, self.dtype, name='pyramid')
 
   def tokens(self, images):
     """The tapped blocks' outputs, (batch, 1 + h * w, dim) each (class token first), and (h, w)."""
@@ -258,7 +272,7 @@ class VisionTransformer(nn.Module):
     del train  # no dropout, no batch statistics
     tokens, (h, w) = self.tokens(images)
     maps = [t[:, 1:].reshape(t.shape[0], h, w, self.dim) for t in tokens]
-    return self.pyramid(maps)
+    return self.simple_pyramid(maps) if self.pyramid == 'simple' else maps
 
 
 # timm's vit_{small,base,large}_patch16_{224,384}.
