@@ -26,6 +26,7 @@ from cmtdp_jax import config_lib
 from cmtdp_jax import data as data_lib
 from cmtdp_jax import evaluation
 from cmtdp_jax import progress
+from cmtdp_jax import regularizers
 from cmtdp_jax import sharding
 from cmtdp_jax import steps
 from cmtdp_jax import workdir as workdir_lib
@@ -125,9 +126,10 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
         config, workdir, lambda: pipeline.split_ids(train_source), is_chief,
         resuming=latest is not None)
     eval_source = pipeline.open_eval_split(config)
-    batches = pipeline.global_batches(
-        pipeline.numpy_batches(pipeline.train_dataset(train_source, config, start_step, mapping),
-                               train_source), batch_sharding, config.data.device_prefetch)
+    train_data = pipeline.train_dataset(train_source, config, start_step, mapping,
+                                        regularizers.extra_views(config))
+    batches = pipeline.global_batches(pipeline.numpy_batches(train_data, train_source),
+                                      batch_sharding, config.data.device_prefetch)
     preemption = _Preemption(checkpointer)
     logging.info('Training %s on %s for %d steps (from %d), %d devices, global batch %d',
                  config.model.framework, spec.name, config.num_steps, start_step,

@@ -77,7 +77,8 @@ def test_binary_and_categorical_channels():
 
 def _first_batches(config, count=2, mapping=None):
   source = pipeline.open_split(config.data, 'train', config.tasks)
-  batches = pipeline.train_dataset(source, config, 0, mapping).as_numpy_iterator()
+  batches = pipeline.train_dataset(source, config, 0, mapping,
+                                   regularizers.extra_views(config)).as_numpy_iterator()
   return [next(batches) for _ in range(count)]
 
 

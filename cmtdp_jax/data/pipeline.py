@@ -20,7 +20,6 @@ import tensorflow_datasets as tfds
 from jax.experimental import multihost_utils
 
 from cmtdp_jax import data as data_lib
-from cmtdp_jax import regularizers
 from cmtdp_jax import tasks as tasks_lib
 from cmtdp_jax.data import augment
 
@@ -214,15 +213,16 @@ def check_transforms(data_config) -> None:
       raise ValueError(f"{flag}: unknown '{name}' (valid: {', '.join(registry)})")
 
 
-def train_dataset(source: Source, config, start_step: int,
-                  label_mapping=None) -> tf.data.Dataset:
+def train_dataset(source: Source, config, start_step: int, label_mapping=None,
+                  extra_views: int = 0) -> tf.data.Dataset:
   """Endless, deterministic, augmented per-host batches starting at `start_step`.
 
   With a `label_mapping` ({image id: tasks}, `cmtdp_jax.label_mapping`) every batch
   also has 'labelled': {task: bool [batch]}, whether the image keeps that
-  task's label; order and augmentation are the same as without. A regularizer
-  with extra views (`regularizers.extra_views`) gets 'views': a tuple of
-  {image, labels} batches, each a scale-crop of the first view.
+  task's label; order and augmentation are the same as without. With
+  `extra_views` (a regularizer's, `regularizers.extra_views`) every batch also has
+  'views': a tuple of that many {image, labels} batches, each a scale-crop of the
+  first view.
 
   The sample order is global: every host shuffles the whole split with the
   same seed and keeps its own rows of each global batch, before decoding. So
@@ -257,7 +257,6 @@ def train_dataset(source: Source, config, start_step: int,
   ds = ds.filter(lambda position, _: (position % global_batch) // per_host == process)
   decode = _decoder(source)
   crop = tuple(config.data.crop_size)
-  views = regularizers.extra_views(config)
   derivation = None
   if config.data.derive_labels:
     if label_mapping is None:
@@ -274,9 +273,9 @@ def train_dataset(source: Source, config, start_step: int,
     example = augment.train_transform(example, seed, config.data.augment, crop,
                                       semseg_kept=kept.get('semseg', True),
                                       normalization=config.data.image_normalization)
-    if views:  # the regularizer's extra views, from seeds the first view does not use
+    if extra_views:  # from seeds the first view does not use
       example['views'] = augment.extra_views(
-          example, tf.random.experimental.stateless_fold_in(seed, 0x7653), views)
+          example, tf.random.experimental.stateless_fold_in(seed, 0x7653), extra_views)
     if label_mapping is not None:
       example['labelled'] = kept
     return example
