@@ -494,3 +494,27 @@ def test_committed_partial_label_tables_are_the_tools_output(tmp_path, monkeypat
     committed = section(f.read())
   assert 'n1000_w1' in committed
   assert section((tmp_path / STUDY / 'README.md').read_text()) == committed
+
+
+COMPARISON = os.path.join('cmtdp_jax', 'studies', 'regularizer_comparison')
+
+
+def test_committed_comparison_table_is_the_tools_output(tmp_path, monkeypatch):
+  """The comparison study's README table is what the tool writes from the committed records
+  with its README's command (nothing edited by hand, nothing trained)."""
+  import shutil  # pylint: disable=import-outside-toplevel
+  shutil.copytree(os.path.join(ROOT, COMPARISON, 'results'), tmp_path / COMPARISON / 'results')
+  shutil.copy(os.path.join(ROOT, COMPARISON, 'README.md'), tmp_path / COMPARISON / 'README.md')
+  monkeypatch.setattr(running, 'train_run', lambda *args: pytest.fail('trained a run'))
+  config = config_lib.load_config_file(os.path.join(ROOT, COMPARISON, 'config.py'))
+  config.num_steps = 1000
+  running.run_study(config, str(tmp_path / 'work'), str(tmp_path / COMPARISON / 'results'),
+                    [0.0, 1.0], [1000], [0, 1, 2, 3], [], [], analyze=False,
+                    train_missing=False, regimes=('one_label', 'random0.5'),
+                    readme=str(tmp_path / COMPARISON / 'README.md'),
+                    arms=design.parse_arms(['control:1', 'jtr:1', 'mtpsl:2']))
+  section = lambda text: text.split('<!-- study table -->')[1].split('<!-- /study table -->')[0]
+  with open(os.path.join(ROOT, COMPARISON, 'README.md')) as f:
+    committed = section(f.read())
+  assert 'n1000_one_label_w0' in committed
+  assert section((tmp_path / COMPARISON / 'README.md').read_text()) == committed
