@@ -57,6 +57,8 @@ class Trainer:
   max_nonfinite_streak: int = flax.struct.field(pytree_node=False)
   hold_zero_gradient: bool = flax.struct.field(pytree_node=False, default=False)
   loss_normalization: str = flax.struct.field(pytree_node=False, default='pooled')
+  # The rng streams the model draws from in training ('dropout': a ViT's stochastic depth).
+  model_rng_streams: tuple[str, ...] = flax.struct.field(pytree_node=False, default=())
 
 
 def _poly_decay(optim_config, steps: int):
@@ -146,7 +148,8 @@ def make_trainer(config, model, total_steps: int) -> Trainer:
       regularizer_weight=0.0 if choice is None else choice.weight, seed=int(config.seed),
       max_nonfinite_streak=int(config.max_nonfinite_streak),
       hold_zero_gradient=config.optim.zero_gradient_params == 'hold',
-      loss_normalization=config.loss_normalization)
+      loss_normalization=config.loss_normalization,
+      model_rng_streams=models.rng_streams(model))
 
 
 def with_own_optimizer(tx, key: str, is_own: Callable[[tuple], bool], lr: float):
@@ -279,9 +282,11 @@ def compute_losses(trainer: Trainer, params, batch_stats, batch, rng):
   images = batch['image']
   if extra:  # one forward pass over every view, as MTPSL and JTR batch theirs
     images = jnp.concatenate([images, *(view['image'] for view in batch['views'])])
+  # The model's streams are folded from the step's rng apart from the regularizer's.
+  rngs = {name: jax.random.fold_in(rng, i + 1) for i, name in enumerate(trainer.model_rng_streams)}
   (predictions, features), updates = trainer.model.apply(
       {'params': params['model'], 'batch_stats': batch_stats}, images, train=True,
-      mutable=['batch_stats', 'intermediates'] + ([SHARED] if extra else []))
+      mutable=['batch_stats', 'intermediates'] + ([SHARED] if extra else []), rngs=rngs)
   if extra:
     all_views = per_view(1 + extra, (predictions, features, updates[SHARED],
                                      updates.get('intermediates', {})))

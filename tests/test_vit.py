@@ -9,6 +9,7 @@ import functools
 import importlib.util
 import os
 import sys
+import types
 
 import jax
 import jax.numpy as jnp
@@ -28,6 +29,7 @@ from tests.test_train_step import trained_run
 GOLDEN_DIR = os.path.join(os.path.dirname(__file__), 'golden')
 sys.path.insert(0, GOLDEN_DIR)
 import make_golden  # noqa: E402  pylint: disable=wrong-import-position
+import make_invpt_golden  # noqa: E402  pylint: disable=wrong-import-position
 import make_vit_golden  # noqa: E402  pylint: disable=wrong-import-position
 
 # sum(p.numel() for p in timm.create_model(name).parameters()), timm 1.0.31, with
@@ -283,13 +285,28 @@ def test_training_loads_pretrained_vit(tmp_path):
           if p[0] not in convert.NEW_LAYERS['vit_s16']}
   config.model.pretrained = convert.save_npz(
       str(tmp_path / 'tiny'), traverse_util.unflatten_dict(flat), 'vit_s16')
-  loaded = train._load_pretrained_backbone(  # pylint: disable=protected-access
-      state, config.model, jax.sharding.SingleDeviceSharding(jax.devices()[0]))
+  built = types.SimpleNamespace(model=model,
+                                state_sharding=jax.sharding.SingleDeviceSharding(jax.devices()[0]))
+  loaded = train._load_pretrained_backbone(state, config.model, built)  # pylint: disable=protected-access
   backbone = loaded.params['model']['backbone']
   np.testing.assert_array_equal(backbone['pos_embed'], flat['params', 'pos_embed'])
   jax.tree.map(np.testing.assert_array_equal, backbone['pyramid'],
                state.params['model']['backbone']['pyramid'])
   assert jax.tree.structure(loaded.batch_stats) == jax.tree.structure(state.batch_stats)
+
+  # A backbone built for another grid (InvPT: img_size = the training size) gets the
+  # checkpoint's grid resized once, as InvPT's resize_pos_embed (14x14 -> 3x5 here).
+  config.model.backbone_kwargs.img_size = (48, 80)
+  wide = models.get_model(config.model, ('semseg',), {'semseg': 3})
+  initial = jax.jit(wide.init, static_argnames='train')(
+      jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False)
+  state = state.replace(params={'model': initial['params']})
+  loaded = train._load_pretrained_backbone(  # pylint: disable=protected-access
+      state, config.model, types.SimpleNamespace(model=wide,
+                                                 state_sharding=built.state_sharding))
+  np.testing.assert_allclose(loaded.params['model']['backbone']['pos_embed'],
+                             vit.resize_position_embedding(flat['params', 'pos_embed'], 3, 5),
+                             rtol=0, atol=0)
 
 
 def test_fsdp_shards_vit_params_and_matches_one_device():
@@ -316,3 +333,60 @@ def test_check_backbone_without_torch_says_so():
     pytest.skip('torch and timm are installed: check_backbone would run')
   with pytest.raises(SystemExit, match='error: check_backbone needs torch and timm'):
     check_backbone.main(['--backbone', 'vit_s16', '--timm', 'vit_small_patch16_224'])
+
+
+@pytest.mark.parametrize('index', range(len(make_invpt_golden.POS_EMBED_RESIZES)))
+def test_position_embedding_resized_at_load_as_invpt(index):
+  """resize_position_embedding == InvPT's resize_pos_embed (torch bicubic, no antialiasing:
+  Keys a=-0.75, border clamped), which the antialiased resize_grid is not."""
+  grid, new = make_invpt_golden.POS_EMBED_RESIZES[index]
+  with np.load(make_invpt_golden.POS_EMBED_FILE) as data:
+    want = data[f'resize{index}']
+  embedding = make_invpt_golden.pos_embed_input(grid)
+  got = vit.resize_position_embedding(embedding, *new)
+  assert got.shape == want.shape and got.dtype == np.float32
+  assert _relative_error(got, want) < 1e-6  # float32 rounding of a float64 result
+  np.testing.assert_array_equal(got[:, 0], embedding[:, 0])
+  antialiased = vit.resize_grid(jnp.asarray(embedding[0, 1:].reshape(*grid, -1)), *new)
+  assert _relative_error(np.asarray(antialiased).reshape(1, -1, want.shape[-1]),
+                         want[:, 1:]) > 1e-3
+
+
+def test_drop_path_drops_whole_branches_per_image():
+  """timm's DropPath: each image's residual branch is kept with probability 1 - rate and
+  scaled by 1 / (1 - rate); evaluation and rate 0 are the identity."""
+  block = vit.Block(2, 1.0, jnp.float32, 0.25)
+  x = jax.random.normal(jax.random.key(0), (4000, 3, 8))
+  variables = block.init(jax.random.key(1), x)
+  plain = vit.Block(2, 1.0, jnp.float32, 0.0)
+  np.testing.assert_array_equal(block.apply(variables, x), plain.apply(variables, x))
+  dropped = np.asarray(block.apply(variables, x, True, rngs={'dropout': jax.random.key(2)}))
+  both_dropped = np.all(dropped == np.asarray(x), axis=(1, 2))
+  assert abs(both_dropped.mean() - 0.25 ** 2) < 0.02  # binomial sd 0.004 at n=4000
+  unscaled = np.all(np.isclose(dropped, plain.apply(variables, x)), axis=(1, 2))
+  assert not unscaled.any()  # a kept branch is scaled by 1 / 0.75
+  model = vit.vit_s16(**TINY, drop_path_rate=0.3)
+  assert [round(b.drop_path, 6) for b in model.bind(
+      model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))).blocks] == [0.0, 0.3]
+
+
+def test_stochastic_depth_draws_from_the_step_rng():
+  """A ViT with drop_path_rate asks the train step for a 'dropout' stream; two steps with
+  different seeds then differ, and without it the step has no stream."""
+  config = tiny_config(**{'model.backbone': 'vit_s16', 'model.backbone_kwargs': dict(TINY),
+                          'model.backbone_kwargs_for': 'vit_s16', 'tasks': ('semseg',)})
+  assert models.rng_streams(models.get_model(config.model, ('semseg',), {'semseg': 3})) == ()
+  config.model.backbone_kwargs.drop_path_rate = 0.5
+  model = models.get_model(config.model, ('semseg',), {'semseg': 3})
+  assert models.rng_streams(model) == ('dropout',)
+  mesh = jax.make_mesh((1,), ('data',), axis_types=(jax.sharding.AxisType.Explicit,),
+                       devices=jax.devices()[:1])
+  losses = []
+  for seed in (0, 1):
+    config.seed = seed
+    built = steps.setup(config, mesh)
+    state = built.init(steps.init_key(0))
+    batch = {'image': jax.random.normal(jax.random.key(3), (config.batch_size, 32, 32, 3)),
+             'semseg': jnp.ones((config.batch_size, 32, 32), jnp.int32)}
+    losses.append(float(jax.jit(built.train_step)(state, batch)[1]['loss/total']))
+  assert losses[0] != losses[1]

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import flax.linen as nn
 import jax.numpy as jnp
 
 from cmtdp_jax import tasks as tasks_lib
@@ -31,6 +32,12 @@ def compute_dtype(name: str):
   if name not in DTYPES:
     raise ValueError(f"config.model.dtype='{name}' is not one of {', '.join(DTYPES)}")
   return DTYPES[name]
+
+
+def rng_streams(model: nn.Module) -> tuple[str, ...]:
+  """The rng streams `model` draws from when training: 'dropout' where its backbone has
+  stochastic depth (a ViT's drop_path_rate)."""
+  return ('dropout',) if getattr(getattr(model, 'backbone', None), 'drop_path_rate', 0) else ()
 
 
 def get_model(model_config, task_names: Sequence[str], num_classes: dict[str, int]):

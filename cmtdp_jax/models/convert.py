@@ -33,7 +33,9 @@ module (`_invpt_modules`); its 'backbone.' keys are timm's ViT.
 from __future__ import annotations
 
 import functools
+import json
 import math
+import os
 import re
 from typing import Any, Mapping, Sequence
 
@@ -42,7 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from cmtdp_jax.models.backbones import get_backbone
+from cmtdp_jax.models.backbones import get_backbone, vit
 
 # Classification heads of the official HRNet models (and timm's) and torchvision.
 HEAD_PREFIXES = {
@@ -71,6 +73,7 @@ _LEAVES = {
 _TORCH_LEAF = {'kernel': 'weight', 'scale': 'weight', 'bias': 'bias', 'mean': 'running_mean',
                'var': 'running_var', **{name: name for name in _NAMED_PARAMS}}
 NPZ_ARCH_KEY = '__arch__'
+NPZ_OPTIONS_KEY = '__options__'
 
 
 class CheckpointMismatchError(ValueError):
@@ -143,17 +146,18 @@ def _mismatch_report(what: str, missing, unexpected, misshaped) -> str:
   return '\n'.join(lines)
 
 
-def convert_torch_state_dict(arch: str, state_dict: Mapping[str, Any]) -> dict[str, Any]:
+def convert_torch_state_dict(arch: str, state_dict: Mapping[str, Any],
+                             **backbone_kwargs) -> dict[str, Any]:
   """Official HRNet / torchvision ResNet / timm ViT state_dict (numpy arrays) -> variables.
 
-  Returns {'params': ..., 'batch_stats': ...} for `get_backbone(arch)` (float32
-  numpy leaves; ViTs have no 'batch_stats', and their pyramid is left out).
-  Raises CheckpointMismatchError naming every missing, unexpected or
-  mis-shaped key, in PyTorch names.
+  Returns {'params': ..., 'batch_stats': ...} for `get_backbone(arch, **backbone_kwargs)`
+  (float32 numpy leaves; ViTs have no 'batch_stats', and their pyramid is left out);
+  `backbone_kwargs` default to `checkpoint_options`. Raises CheckpointMismatchError
+  naming every missing, unexpected or mis-shaped key, in PyTorch names.
   """
   if arch not in ARCHS:
     raise ValueError(f"no ImageNet weight conversion for '{arch}'; valid: {', '.join(ARCHS)}")
-  expected = expected_shapes(arch, **checkpoint_options(arch, state_dict))
+  expected = expected_shapes(arch, **{**checkpoint_options(arch, state_dict), **backbone_kwargs})
   flat, unexpected, misshaped = {}, [], []
   for key, value in state_dict.items():
     if key.endswith('num_batches_tracked') or key.startswith(HEAD_PREFIXES[arch]):
@@ -180,31 +184,30 @@ def convert_torch_state_dict(arch: str, state_dict: Mapping[str, Any]) -> dict[s
   return traverse_util.unflatten_dict(flat)
 
 
-def save_npz(path: str, variables: Mapping[str, Any], arch: str) -> str:
-  """Writes variables as flat 'params/conv1/kernel' entries plus the arch.
+def save_npz(path: str, variables: Mapping[str, Any], arch: str,
+             options: Mapping[str, Any] | None = None) -> str:
+  """Writes variables as flat 'params/conv1/kernel' entries plus the arch (and, for a whole
+  model, the options it must be built with, as JSON).
 
   Returns the path written, which numpy ends with '.npz'.
   """
   path = path if path.endswith('.npz') else f'{path}.npz'
   flat = {'/'.join(k): np.asarray(v) for k, v in traverse_util.flatten_dict(variables).items()}
-  np.savez(path, **flat, **{NPZ_ARCH_KEY: np.array(arch)})
+  extra = {NPZ_OPTIONS_KEY: np.array(json.dumps(options))} if options is not None else {}
+  np.savez(path, **flat, **{NPZ_ARCH_KEY: np.array(arch)}, **extra)
   return path
 
 
-def load_pretrained(variables: Mapping[str, Any], path: str,
-                    arch: str | None = None) -> dict[str, Any]:
-  """Returns backbone `variables` with every leaf replaced from the .npz at `path`.
-
-  `variables` is the backbone's own sub-tree, e.g.
-  {'params': v['params']['backbone'], 'batch_stats': v['batch_stats']['backbone']}.
-  Leaves keep their dtype; the arch's NEW_LAYERS (a ViT's pyramid) keep their
-  values. With `arch`, the file must have been converted for it. Raises
-  CheckpointMismatchError naming every missing, unexpected or mis-shaped key
-  (a ViT position embedding for another img_size is mis-shaped: set the
-  backbone's img_size to the checkpoint's).
-  """
+def _load_npz(variables: Mapping[str, Any], path: str, arch: str | None, what: str,
+              position_grid: tuple[int, int] | None = None):
+  """`variables` with every leaf replaced from the .npz at `path`."""
   with np.load(path) as data:
-    stored = {k: data[k] for k in data.files}
+    stored = {k: data[k] for k in data.files if k != NPZ_OPTIONS_KEY}
+  model_pos_embed = variables.get('params', {}).get('pos_embed')
+  if (position_grid and model_pos_embed is not None and 'params/pos_embed' in stored
+      and stored['params/pos_embed'].shape != tuple(model_pos_embed.shape)):
+    stored['params/pos_embed'] = vit.resize_position_embedding(stored['params/pos_embed'],
+                                                               *position_grid)
   stored_arch = str(stored.pop(NPZ_ARCH_KEY, ''))
   if arch is not None and stored_arch and stored_arch != arch:
     raise CheckpointMismatchError(f'{path} holds {stored_arch} weights, not {arch}')
@@ -218,9 +221,60 @@ def load_pretrained(variables: Mapping[str, Any], path: str,
                for k in flat if k in stored and stored[k].shape != tuple(flat[k].shape)]
   if missing or unexpected or misshaped:
     raise CheckpointMismatchError(_mismatch_report(
-        f'{path} does not fit the backbone', missing, unexpected, misshaped))
+        f'{path} does not fit {what}', missing, unexpected, misshaped))
   return traverse_util.unflatten_dict(
       {tuple(k.split('/')): jnp.asarray(stored[k], flat[k].dtype) for k in flat})
+
+
+def npz_options(path: str) -> dict[str, Any]:
+  """The options a whole model's .npz was saved with ({} for a backbone's)."""
+  with np.load(path) as data:
+    return json.loads(str(data[NPZ_OPTIONS_KEY])) if NPZ_OPTIONS_KEY in data.files else {}
+
+
+def load_pretrained(variables: Mapping[str, Any], path: str, arch: str | None = None,
+                    position_grid: tuple[int, int] | None = None) -> dict[str, Any]:
+  """Returns backbone `variables` with every leaf replaced from the .npz at `path`.
+
+  `variables` is the backbone's own sub-tree, e.g.
+  {'params': v['params']['backbone'], 'batch_stats': v['batch_stats']['backbone']}.
+  Leaves keep their dtype; the arch's NEW_LAYERS (a ViT's pyramid) keep their
+  values. With `arch`, the file must have been converted for it. A ViT's
+  position embedding for another grid is resized once to `position_grid` (the
+  backbone's, from its img_size), as InvPT loads ImageNet weights
+  (`vit.resize_position_embedding`); without it, it is mis-shaped. Raises
+  CheckpointMismatchError naming every missing, unexpected or mis-shaped key.
+  """
+  return _load_npz(variables, path, arch, 'the backbone', position_grid)
+
+
+def model_arch(framework: str, backbone: str) -> str:
+  """The arch a whole model's .npz is stored under."""
+  return f'{framework}/{backbone}'
+
+
+def load_model_weights(variables: Mapping[str, Any], path: str, framework: str, backbone: str,
+                       tasks: Sequence[str], img_size=None) -> dict[str, Any]:
+  """Returns a whole model's {'params', 'batch_stats'} replaced from the .npz at `path`
+  (`convert_weights --framework`). The file must hold `framework` on `backbone` for `tasks`
+  in the same order (InvPT's per-task modules are numbered in it), and a ViT's position
+  grid for the same `img_size` (448x576 and 576x448 have the same number of positions)."""
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f'config.model.weights: no such file: {path}')
+  options = npz_options(path)
+  stored_size = options.get('backbone_kwargs', {}).get('img_size')
+  as_pair = lambda size: tuple(size) if isinstance(size, (list, tuple)) else (size, size)
+  if img_size is not None and stored_size is not None and as_pair(stored_size) != as_pair(
+      img_size):
+    raise CheckpointMismatchError(
+        f'{path} holds a position embedding for img_size {as_pair(stored_size)}, the model '
+        f'is built for {as_pair(img_size)}: set config.model.backbone_kwargs.img_size')
+  stored = [t for t, _ in options.get('task_channels', ())]
+  if stored and stored != list(tasks):
+    raise CheckpointMismatchError(
+        f'{path} holds the tasks in the order {stored}, the config trains {list(tasks)}: '
+        f'set config.tasks to {tuple(stored)} (the order is part of the weights)')
+  return _load_npz(variables, path, model_arch(framework, backbone), 'the model')
 
 
 # Original ViT .npz (vit_jax / AugReg) name -> timm name, per block and outside
@@ -454,6 +508,125 @@ def _invpt_shapes(task_channels: tuple[tuple[str, int], ...], dim: int, head_cha
   variables = jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0),
                              jax.ShapeDtypeStruct((1, 64, 64, 3), jnp.float32))
   return {path: tuple(leaf.shape) for path, leaf in traverse_util.flatten_dict(variables).items()}
+
+
+def invpt_unused_keys(state_dict: Mapping[str, Any]) -> list[str]:
+  """The keys of modules InvPT builds but its forward never reads (INVPT_UNUSED_PREFIXES)."""
+  return [k for k in state_dict if k.startswith(INVPT_UNUSED_PREFIXES)
+          and not k.endswith('num_batches_tracked')]
+
+
+# Modules InvPT keeps one of per task (ModuleDicts, in p.TASKS.NAMES order): the order their
+# keys come in is the task order, which the attention's per-task modules are numbered in.
+_INVPT_TASK_DICTS = ('heads.', 'multi_task_decoder.preliminary_decoder.',
+                     'multi_task_decoder.intermediate_head.', 'multi_task_decoder.invpt.mix_proj.',
+                     'multi_task_decoder.invpt.mt_proj.')
+
+
+def invpt_task_order(state_dict: Mapping[str, Any]) -> tuple[str, ...]:
+  """InvPT's task order, read from the order of a state_dict's keys (torch.save keeps it).
+
+  Raises CheckpointMismatchError when it cannot be read: no task modules, per-task modules
+  that list the tasks in different orders, or keys in alphabetical order (a state_dict
+  re-saved sorted; InvPT's orders, [semseg, depth, normals, edge] and [semseg,
+  human_parts, sal, normals, edge], are not alphabetical).
+  """
+  orders = {}
+  for prefix in _INVPT_TASK_DICTS:
+    tasks = [k[len(prefix):].split('.', 1)[0] for k in state_dict if k.startswith(prefix)]
+    orders[prefix] = tuple(dict.fromkeys(tasks))
+  if not orders['heads.']:
+    raise CheckpointMismatchError('no InvPT task heads (heads.<task>.linear_pred.*) in it')
+  if len(set(orders.values())) > 1:
+    raise CheckpointMismatchError(
+        'its per-task modules list the tasks in different orders '
+        f'({"; ".join(f"{p[:-1]}: {list(o)}" for p, o in orders.items())}), so the task order '
+        'cannot be read from it')
+  order = orders['heads.']
+  if len(order) > 1 and sorted(state_dict) == list(state_dict):
+    raise CheckpointMismatchError(
+        'its keys are sorted alphabetically, so the task order cannot be read from it')
+  return order
+
+
+# Tasks InvPT predicts as a 2-class softmax (its NUM_OUTPUT['sal'] = 2) where ours, as
+# ATRC, predict one logit: softmax(z)[1] = sigmoid(z1 - z0), so the two are folded exactly.
+INVPT_TWO_CLASS_TASKS = ('sal',)
+
+
+def fold_invpt_two_class_head(state_dict: Mapping[str, Any], task: str) -> dict[str, Any]:
+  """`state_dict` with `task`'s 2-class heads made one-logit heads of the same function.
+
+  The final and intermediate heads (1x1 convs) become z1 - z0. The intermediate prediction
+  also feeds `mix_proj` (a 1x1 conv over [feature f, p0, p1], with p_k = w_k f + b_k):
+  M_f f + M0 p0 + M1 p1 = (M_f + (M0 + M1) w0) f + M1 (p1 - p0) + (M0 + M1) b0, so
+  mix_proj's feature weights and bias absorb p0 and its one prediction channel takes M1.
+  Computed in float64.
+  """
+  state = dict(state_dict)
+  f64 = lambda key: np.asarray(state_dict[key], np.float64)
+  for head in (f'heads.{task}.linear_pred', f'multi_task_decoder.intermediate_head.{task}'):
+    weight, bias = f64(f'{head}.weight'), f64(f'{head}.bias')
+    state[f'{head}.weight'] = (weight[1:] - weight[:1]).astype(np.float32)
+    state[f'{head}.bias'] = (bias[1:] - bias[:1]).astype(np.float32)
+  w0 = f64(f'multi_task_decoder.intermediate_head.{task}.weight')[0, :, 0, 0]
+  b0 = f64(f'multi_task_decoder.intermediate_head.{task}.bias')[0]
+  mix = f'multi_task_decoder.invpt.mix_proj.{task}.0'
+  weight, bias = f64(f'{mix}.weight')[:, :, 0, 0], f64(f'{mix}.bias')
+  m_f, m0, m1 = weight[:, :-2], weight[:, -2], weight[:, -1]
+  folded = np.concatenate([m_f + np.outer(m0 + m1, w0), m1[:, None]], axis=1)
+  state[f'{mix}.weight'] = folded[:, :, None, None].astype(np.float32)
+  state[f'{mix}.bias'] = (bias + (m0 + m1) * b0).astype(np.float32)
+  return state
+
+
+def convert_invpt_state_dict(state_dict: Mapping[str, Any], arch: str,
+                             tasks: Sequence[str] | None = None,
+                             **backbone_kwargs) -> tuple[dict[str, Any], dict[str, Any]]:
+  """A whole InvPT TransformerNet state_dict (as in its released checkpoints, without
+  DataParallel's 'module.') -> the `invpt` framework's variables on ViT `arch`.
+
+  `tasks`: InvPT's task order, when `invpt_task_order` cannot read it from the keys.
+  `backbone_kwargs`: the ViT's options where they differ from `arch`'s (the position grid,
+  `img_size`, is read from a square grid; a non-square one, as NYUD's 448x576, must be
+  given). `INVPT_TWO_CLASS_TASKS` with 2 outputs are folded to one logit
+  (`fold_invpt_two_class_head`). Returns (variables, options): {'params', 'batch_stats'}
+  of the whole model, and
+  what a model must be built with to take them: 'task_channels' ((task, channels), ...)
+  in the file's order, 'head_channels' (InvPT's embed_dim), 'prediction_channels'
+  (PRED_OUT_NUM_CONSTANT) and 'backbone_kwargs'. Raises CheckpointMismatchError naming
+  every missing, unexpected or mis-shaped key; `invpt_unused_keys` are skipped.
+  """
+  order = tuple(tasks) if tasks else invpt_task_order(state_dict)
+  found = invpt_task_order(state_dict) if tasks is None else tuple(
+      dict.fromkeys(k.split('.')[1] for k in state_dict if k.startswith('heads.')))
+  if set(order) != set(found) or len(order) != len(found):
+    raise CheckpointMismatchError(f'the tasks {list(order)} are not the checkpoint\'s '
+                                  f'{sorted(found)}')
+  for task in INVPT_TWO_CLASS_TASKS:
+    if task in order and np.shape(state_dict[f'heads.{task}.linear_pred.weight'])[0] == 2:
+      state_dict = fold_invpt_two_class_head(state_dict, task)
+  channels = tuple((t, int(np.shape(state_dict[f'heads.{t}.linear_pred.weight'])[0]))
+                   for t in order)
+  first = order[0]
+  embed = int(np.shape(state_dict[f'multi_task_decoder.intermediate_head.{first}.weight'])[1])
+  width = int(np.shape(state_dict[f'multi_task_decoder.invpt.mix_proj.{first}.0.weight'])[0])
+  backbone_state = {k[len('backbone.'):]: v for k, v in state_dict.items()
+                    if k.startswith('backbone.')}
+  backbone_kwargs = {**checkpoint_options(arch, backbone_state), **backbone_kwargs}
+  pos_embed = backbone_state.get('pos_embed')
+  if 'img_size' not in backbone_kwargs and pos_embed is not None:
+    raise CheckpointMismatchError(
+        f'its position embedding has {np.shape(pos_embed)[1] - 1} positions, not a square '
+        "grid, so the ViT's img_size must be given (InvPT's training size, 448x576 for NYUD)")
+  backbone = convert_torch_state_dict(arch, backbone_state, pyramid='none', **backbone_kwargs)
+  dim = int(np.shape(pos_embed)[-1]) if pos_embed is not None else get_backbone(arch).dim
+  decoder = convert_invpt_decoder_state_dict(state_dict, channels, dim, embed, width - embed)
+  variables = {'params': {'backbone': backbone['params'], **decoder['params']},
+               'batch_stats': decoder['batch_stats']}
+  options = {'task_channels': channels, 'head_channels': embed,
+             'prediction_channels': width - embed, 'backbone_kwargs': backbone_kwargs}
+  return variables, options
 
 
 def convert_invpt_decoder_state_dict(state_dict: Mapping[str, Any],

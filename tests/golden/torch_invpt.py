@@ -307,3 +307,85 @@ class InvPTHeads(nn.Module):
     up = lambda x: F.interpolate(x, img_size, mode='bilinear')
     predictions = {t: up(self.heads[t](features[t])) for t in self.tasks}
     return predictions, {t: up(v) for t, v in inter_preds.items()}, features
+
+
+class ViTBlock(nn.Module):
+  """InvPT/models/transformers/vit.py Block (Attention, Mlp), at inference."""
+
+  def __init__(self, dim, num_heads, mlp_ratio):
+    super().__init__()
+    self.num_heads = num_heads
+    self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+    self.attn = nn.Module()
+    self.attn.qkv = nn.Linear(dim, 3 * dim)
+    self.attn.proj = nn.Linear(dim, dim)
+    self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+    self.mlp = nn.Module()
+    self.mlp.fc1 = nn.Linear(dim, int(dim * mlp_ratio))
+    self.mlp.fc2 = nn.Linear(int(dim * mlp_ratio), dim)
+
+  def forward(self, x):
+    b, n, c = x.shape
+    qkv = self.attn.qkv(self.norm1(x)).reshape(b, n, 3, self.num_heads, c // self.num_heads)
+    q, k, v = qkv.permute(2, 0, 3, 1, 4)
+    attn = ((q @ k.transpose(-2, -1)) * (c // self.num_heads) ** -0.5).softmax(dim=-1)
+    x = x + self.attn.proj((attn @ v).transpose(1, 2).reshape(b, n, c))
+    return x + self.mlp.fc2(F.gelu(self.mlp.fc1(self.norm2(x))))
+
+
+class InvPTViT(nn.Module):
+  """InvPT/models/transformers/vit.py VisionTransformer.forward_features at inference:
+  `img_size` (h, w) is the training size (the position embedding's grid, no resize), and
+  the tokens after the blocks numbered in `select_list` (1-based, class token dropped) plus
+  the final normed tokens are returned."""
+
+  def __init__(self, img_size, dim, depth, num_heads, mlp_ratio, select_list, patch_size=16):
+    super().__init__()
+    self.select_list = list(select_list)
+    grid = (img_size[0] // patch_size) * (img_size[1] // patch_size)
+    self.patch_embed = nn.Module()
+    self.patch_embed.proj = nn.Conv2d(3, dim, patch_size, stride=patch_size)
+    self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+    self.pos_embed = nn.Parameter(torch.zeros(1, grid + 1, dim))
+    self.blocks = nn.Sequential(*[ViTBlock(dim, num_heads, mlp_ratio) for _ in range(depth)])
+    self.norm = nn.LayerNorm(dim, eps=1e-6)
+
+  def forward(self, x):
+    x = self.patch_embed.proj(x).flatten(2).transpose(1, 2)
+    x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
+    selected = []
+    for idx, block in enumerate(self.blocks):
+      x = block(x)
+      if idx + 1 in self.select_list:
+        selected.append(x[:, 1:])
+    selected.append(self.norm(x)[:, 1:])
+    return selected
+
+
+class TransformerNet(nn.Module):
+  """InvPT/models/transformer_net.py TransformerNet with its ViT: the whole model, whose
+  state_dict has the released checkpoints' keys (without DataParallel's 'module.').
+  `forward(images)` returns (predictions, intermediate predictions, features)."""
+
+  def __init__(self, tasks, num_output, img_size, dim, depth, num_heads, mlp_ratio,
+               embed_dim, pred_out_num_constant):
+    super().__init__()
+    select_list = [round(depth * k / 4) for k in (1, 2, 3)]  # ViT-L: [6, 12, 18]
+    self.backbone = InvPTViT(img_size, dim, depth, num_heads, mlp_ratio, select_list)
+    heads = InvPTHeads(tasks, num_output, dim, [s // 16 for s in img_size], embed_dim,
+                       pred_out_num_constant)
+    self.multi_task_decoder, self.heads, self._heads = heads.multi_task_decoder, heads.heads, [heads]
+
+  def forward(self, images):
+    return self._heads[0](self.backbone(images), images.shape[-2:])
+
+
+def resize_pos_embed(posemb, grid_new):
+  """InvPT/models/transformers/vit.py resize_pos_embed (one class token): the square grid of
+  a checkpoint's position embedding resized to `grid_new` when the weights are loaded."""
+  tokens, grid = posemb[:, :1], posemb[0, 1:]
+  old = int(len(grid) ** 0.5)
+  grid = grid.reshape(1, old, old, -1).permute(0, 3, 1, 2)
+  grid = F.interpolate(grid, size=grid_new, mode='bicubic', align_corners=False)
+  grid = grid.permute(0, 2, 3, 1).reshape(1, grid_new[0] * grid_new[1], -1)
+  return torch.cat([tokens, grid], dim=1)

@@ -41,6 +41,7 @@ import functools
 import math
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -78,6 +79,35 @@ def resize_matrix(in_size: int, out_size: int) -> np.ndarray:
     taps = _keys_cubic((np.arange(low, high) - center + 0.5) / stretch)
     weights[i, low:high] = taps / taps.sum()
   return weights
+
+
+@functools.cache
+def interpolate_matrix(in_size: int, out_size: int) -> np.ndarray:
+  """(out_size, in_size) weights of torch's F.interpolate(mode='bicubic',
+  align_corners=False) without antialiasing: Keys' kernel with a=-0.75 at source
+  coordinate (i + 0.5) * in/out - 0.5, taps outside the input clamped to its border."""
+  weights = np.zeros((out_size, in_size))
+  for i in range(out_size):
+    source = (i + 0.5) * in_size / out_size - 0.5
+    base = math.floor(source)
+    for tap in range(base - 1, base + 3):
+      weights[i, min(max(tap, 0), in_size - 1)] += _keys_cubic(tap - source, a=-0.75)
+  return weights
+
+
+def resize_position_embedding(pos_embed: np.ndarray, rows: int, columns: int) -> np.ndarray:
+  """A (1, 1 + g * g, dim) checkpoint embedding (class token first) resized once to a
+  rows x columns grid as InvPT (and timm before `resample_abs_pos_embed`) resize it at
+  load time: `resize_pos_embed`, F.interpolate bicubic without antialiasing."""
+  grid = math.isqrt(pos_embed.shape[1] - 1)
+  if grid * grid != pos_embed.shape[1] - 1:
+    raise ValueError(f'a position embedding of {pos_embed.shape[1] - 1} positions is not a '
+                     'square grid')
+  cells = np.asarray(pos_embed[0, 1:], np.float64).reshape(grid, grid, -1)
+  cells = np.einsum('ih,jw,hwc->ijc', interpolate_matrix(grid, rows),
+                    interpolate_matrix(grid, columns), cells)
+  return np.concatenate([pos_embed[:, :1], cells.reshape(1, rows * columns, -1)],
+                        axis=1).astype(pos_embed.dtype)
 
 
 def resize_grid(grid, height: int, width: int):
@@ -130,16 +160,31 @@ class Mlp(nn.Module):
 
 
 class Block(nn.Module):
-  """Pre-norm transformer block: x + attn(norm1(x)), then x + mlp(norm2(x))."""
+  """Pre-norm transformer block: x + attn(norm1(x)), then x + mlp(norm2(x)).
+
+  With `drop_path` > 0, training drops each residual branch per image with that
+  probability and scales the kept ones by 1 / (1 - drop_path) (timm's DropPath,
+  stochastic depth); it draws from the 'dropout' rng stream.
+  """
   num_heads: int
   mlp_ratio: float = 4.0
   dtype: Dtype = jnp.float32
+  drop_path: float = 0.0
+
+  def _drop_path(self, branch, train: bool):
+    if not train or self.drop_path == 0.0:
+      return branch
+    keep = 1.0 - self.drop_path
+    kept = jax.random.bernoulli(self.make_rng('dropout'), keep, (branch.shape[0], 1, 1))
+    return branch * (kept / keep).astype(branch.dtype)
 
   @nn.compact
-  def __call__(self, x):
-    x = x + Attention(self.num_heads, self.dtype, name='attn')(layer_norm(self.dtype, 'norm1')(x))
+  def __call__(self, x, train: bool = False):
+    attn = Attention(self.num_heads, self.dtype, name='attn')(layer_norm(self.dtype, 'norm1')(x))
+    x = x + self._drop_path(attn, train)
     hidden = int(x.shape[-1] * self.mlp_ratio)
-    return x + Mlp(hidden, self.dtype, name='mlp')(layer_norm(self.dtype, 'norm2')(x))
+    mlp = Mlp(hidden, self.dtype, name='mlp')(layer_norm(self.dtype, 'norm2')(x))
+    return x + self._drop_path(mlp, train)
 
 
 class PatchEmbed(nn.Module):
@@ -195,8 +240,9 @@ class VisionTransformer(nn.Module):
 
   Attributes:
     dim, depth, num_heads, mlp_ratio, patch_size: the trunk's shape.
-    img_size: the square input size the stored position embedding is laid out
-      for (224 or 384 for timm's checkpoints); other input sizes resize it.
+    img_size: the input size the stored position embedding is laid out for: an
+      int for a square (224 or 384 for timm's checkpoints) or (height, width)
+      (InvPT's checkpoints: their training size); other input sizes resize it.
     taps: ascending indices of the blocks that feed the pyramid, finest level
       first (default: `default_taps`); blocks after the last are not built.
     pyramid_channels: channels of every pyramid level.
@@ -204,18 +250,22 @@ class VisionTransformer(nn.Module):
       'none' (the tapped token maps, stride 16, `dim` channels; no new layers).
     remat: recompute every block in the backward pass (nn.remat) instead of
       storing its activations.
+    drop_path_rate: stochastic depth of the last block, rising linearly from 0 at the
+      first (timm's schedule; InvPT trains ViT-L with 0.15). Training then needs a
+      'dropout' rng (`models.rng_streams`).
   """
   dim: int = 768
   depth: int = 12
   num_heads: int = 12
   mlp_ratio: float = 4.0
   patch_size: int = 16
-  img_size: int = 224
+  img_size: int | tuple[int, int] = 224
   taps: tuple[int, ...] | None = None
   pyramid_channels: int = 256
   pyramid: str = 'simple'
   dtype: Dtype = jnp.float32
   remat: bool = False
+  drop_path_rate: float = 0.0
 
   PYRAMIDS = ('simple', 'none')
 
@@ -234,43 +284,49 @@ class VisionTransformer(nn.Module):
       raise ValueError(f'ViT taps={taps} must be 4 ascending block indices in [0, {self.depth})')
     return taps
 
+  @property
+  def position_grid(self) -> tuple[int, int]:
+    """(rows, columns) of the stored position embedding."""
+    height, width = (self.img_size,) * 2 if isinstance(self.img_size, int) else self.img_size
+    return height // self.patch_size, width // self.patch_size
+
   def setup(self):
-    grid = self.img_size // self.patch_size
+    rows, columns = self.position_grid
     self.patch_embed = PatchEmbed(self.dim, self.patch_size, self.dtype)
     self.cls_token = self.param('cls_token', nn.initializers.normal(1e-6), (1, 1, self.dim))
-    self.pos_embed = self.param('pos_embed', _DENSE_INIT, (1, 1 + grid * grid, self.dim))
-    block = nn.remat(Block) if self.remat else Block
-    self.blocks = [block(self.num_heads, self.mlp_ratio, self.dtype) for _ in range(self.depth)]
+    self.pos_embed = self.param('pos_embed', _DENSE_INIT, (1, 1 + rows * columns, self.dim))
+    block = nn.remat(Block, static_argnums=(2,)) if self.remat else Block
+    rates = np.linspace(0.0, self.drop_path_rate, self.depth)
+    self.blocks = [block(self.num_heads, self.mlp_ratio, self.dtype, float(rate))
+                   for rate in rates]
     self.norm = layer_norm(self.dtype)
     if self.pyramid not in self.PYRAMIDS:
       raise ValueError(f"ViT pyramid='{self.pyramid}' is not one of {', '.join(self.PYRAMIDS)}")
     if self.pyramid == 'simple':
       self.simple_pyramid = SimpleFeaturePyramid(self.pyramid_channels, self.dtype, name='pyramid')
 
-  def tokens(self, images):
+  def tokens(self, images, train: bool = False):
     """The tapped blocks' outputs, (batch, 1 + h * w, dim) each (class token first), and (h, w)."""
     height, width = images.shape[1:3]
     pad = lambda size: -size % self.patch_size
     images = jnp.pad(images, ((0, 0), (0, pad(height)), (0, pad(width)), (0, 0)))
     x = self.patch_embed(images)
     batch, h, w, _ = x.shape
-    grid = self.img_size // self.patch_size
     pos_embed = self.pos_embed[0]
-    pos_grid = resize_grid(pos_embed[1:].reshape(grid, grid, self.dim), h, w)
+    pos_grid = resize_grid(pos_embed[1:].reshape(*self.position_grid, self.dim), h, w)
     pos_embed = jnp.concatenate([pos_embed[:1], pos_grid.reshape(h * w, self.dim)])
     cls = jnp.broadcast_to(self.cls_token, (batch, 1, self.dim)).astype(x.dtype)
     x = jnp.concatenate([cls, x.reshape(batch, h * w, self.dim)], axis=1)
     x = (x + pos_embed.astype(x.dtype)).astype(self.dtype)
     taps, outputs = self.block_indices, []
     for index in range(max(taps) + 1):
-      x = self.blocks[index](x)
+      x = self.blocks[index](x, train)
       outputs += [x] * taps.count(index)
     outputs[-1] = self.norm(outputs[-1])
     return outputs, (h, w)
 
   def __call__(self, images, train: bool = False):
-    del train  # no dropout, no batch statistics
-    tokens, (h, w) = self.tokens(images)
+    tokens, (h, w) = self.tokens(images, train)  # no batch statistics
     maps = [t[:, 1:].reshape(t.shape[0], h, w, self.dim) for t in tokens]
     return self.simple_pyramid(maps) if self.pyramid == 'simple' else maps
 
