@@ -87,6 +87,10 @@ def base_config() -> ml_collections.ConfigDict:
   # .npz from `python -m cmtdp_jax.tools.convert_weights`, loaded into the backbone of a
   # fresh run (not on resume).
   config.model.pretrained = ''
+  # .npz of a whole model from `convert_weights --framework` (InvPT's released checkpoints):
+  # a fresh run starts from it (not on resume); --mode=eval without a checkpoint in the
+  # workdir evaluates it as step 0.
+  config.model.weights = ''
 
   # Per-task overrides of the SPEC loss weights and loss options.
   config.loss_weights = ml_collections.ConfigDict()
@@ -351,6 +355,9 @@ def validate(config, num_devices: int) -> None:
   if config.optim.grad_clip < 0:
     raise ValueError(f'config.optim.grad_clip={config.optim.grad_clip} must be >= 0 '
                      '(0 = no clipping)')
+  if config.model.weights and config.model.pretrained:
+    raise ValueError('config.model.weights (a whole model) and config.model.pretrained (its '
+                     'backbone) are both set: give one')
   if config.model.backbone_kwargs_for and config.model.backbone_kwargs_for not in BACKBONES:
     raise ValueError(f"config.model.backbone_kwargs_for='{config.model.backbone_kwargs_for}' "
                      f"is not '' or a backbone ({', '.join(sorted(BACKBONES))})")
@@ -385,7 +392,7 @@ RESUME_FIXED = ('batch_size', 'tasks', 'data', 'model')
 # evaluation uses, or what only a fresh run loads.
 RESUME_FREE = ('data.data_dir', 'data.manual_dir', 'data.cache', 'data.prefetch',
                'data.device_prefetch', 'data.threads', 'data.eval_split', 'data.eval_crop_size',
-               'model.remat', 'model.pretrained')
+               'model.remat', 'model.pretrained', 'model.weights')
 
 
 class _Absent:

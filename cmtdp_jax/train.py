@@ -76,24 +76,42 @@ def _create_state(config, built, checkpointer):
     return state
   state = built.init(steps.init_key(config.seed))
   if config.model.pretrained:
-    state = _load_pretrained_backbone(state, config.model, built.state_sharding)
+    state = _load_pretrained_backbone(state, config.model, built)
+  if config.model.weights:
+    state = _load_model_weights(state, config, built)
   return state
 
 
-def _load_pretrained_backbone(state, model_config, state_sharding):
+def _load_pretrained_backbone(state, model_config, built):
   """Replaces the backbone's params and BN statistics (if any: ViTs have none) by converted
-  ImageNet weights."""
+  ImageNet weights (a ViT's position grid resized once to its img_size's, as InvPT)."""
   backbone = {'params': state.params['model']['backbone']}
   if 'backbone' in state.batch_stats:
     backbone['batch_stats'] = state.batch_stats['backbone']
   loaded = convert.load_pretrained(jax.device_get(backbone), model_config.pretrained,
-                                   model_config.backbone)
+                                   model_config.backbone,
+                                   getattr(built.model.backbone, 'position_grid', None))
   params = dict(state.params, model=dict(state.params['model'], backbone=loaded['params']))
   batch_stats = state.batch_stats
   if 'batch_stats' in loaded:
     batch_stats = dict(batch_stats, backbone=loaded['batch_stats'])
   logging.info('Loaded pretrained backbone from %s', model_config.pretrained)
-  return jax.device_put(state.replace(params=params, batch_stats=batch_stats), state_sharding)
+  return jax.device_put(state.replace(params=params, batch_stats=batch_stats),
+                        built.state_sharding)
+
+
+def _load_model_weights(state, config, built):
+  """Replaces the whole model's params and BN statistics by a converted checkpoint
+  (`convert_weights --framework`); the regularizer's own parameters stay as initialised."""
+  variables = {'params': state.params['model'], 'batch_stats': state.batch_stats}
+  img_size = getattr(getattr(built.model, 'backbone', None), 'img_size', None)
+  loaded = convert.load_model_weights(jax.device_get(variables), config.model.weights,
+                                      config.model.framework, config.model.backbone,
+                                      config.tasks, img_size)
+  logging.info('Loaded the model from %s', config.model.weights)
+  state = state.replace(params=dict(state.params, model=loaded['params']),
+                        batch_stats=loaded['batch_stats'])
+  return jax.device_put(state, built.state_sharding)
 
 
 def train_and_evaluate(config, workdir: str) -> dict[str, float]:
@@ -193,6 +211,17 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
   return results
 
 
+def _has_checkpoint(config, workdir: str) -> bool:
+  if not os.path.isdir(workdir):
+    return False
+  checkpointer = checkpointing.Checkpointer(workdir, config.checkpoint_every,
+                                            config.keep_checkpoints, read_only=True)
+  try:
+    return checkpointer.latest_step() is not None
+  finally:
+    checkpointer.close()
+
+
 def restore(config, workdir: str, step: int | None = None, mesh=None):
   """Restores checkpoint `step` (default latest) of a run for inference or analysis, onto
   `mesh` (default: the config's; the notebook passes one device).
@@ -212,8 +241,15 @@ def restore(config, workdir: str, step: int | None = None, mesh=None):
 
 
 def evaluate(config, workdir: str, step: int | None = None) -> dict[str, float]:
-  """Restores checkpoint `step` (default latest) and evaluates the eval split."""
-  mesh, model, _, state = restore(config, workdir, step)
+  """Restores checkpoint `step` (default latest) and evaluates the eval split; with no
+  checkpoint in `workdir` and `config.model.weights` set, evaluates those weights as step 0
+  (a converted published checkpoint, say)."""
+  if config.model.weights and step is None and not _has_checkpoint(config, workdir):
+    mesh, built = _setup(config)
+    model, state = built.model, _load_model_weights(built.init(steps.init_key(config.seed)),
+                                                    config, built)
+  else:
+    mesh, model, _, state = restore(config, workdir, step)
   eval_source = pipeline.open_eval_split(config)
   workdir_lib.check_writable(workdir)
   with jax.set_mesh(mesh):

@@ -10,18 +10,34 @@
 AugReg, as timm's `_load_weights` reads them) are read without PyTorch;
 .pth/.pt files need it. A ViT's trunk is converted; its feature pyramid is in
 no checkpoint and trains from scratch. Load the result with
-`cmtdp_jax.models.convert.load_pretrained`.
+`--config.model.pretrained`.
+
+A whole model, with `--framework`: InvPT's released checkpoints
+(prismformore/Multi-Task-Transformer, {'model': state_dict} with 'module.' keys)
+
+  python -m cmtdp_jax.tools.convert_weights --framework invpt --arch vit_l16 \
+      --src InvPT_nyud_vitLp16.pth --dst invpt_nyud.npz --img-size 448 576
+
+are read without PyTorch and without running anything in the file
+(`cmtdp_jax.pickled`). The task order is read from the file's key order; give
+`--tasks` where it cannot be. Every key InvPT builds but never uses is listed.
+Load the result with `--config.model.weights` (the configs' docstrings show
+the evaluation command).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 
 import jax
 import numpy as np
 
+from cmtdp_jax import pickled
 from cmtdp_jax.models import convert
+
+FRAMEWORKS = ('invpt',)
 
 
 def read_state_dict(path: str) -> dict[str, np.ndarray]:
@@ -50,17 +66,73 @@ def read_state_dict(path: str) -> dict[str, np.ndarray]:
   return {k.removeprefix('module.'): np.asarray(v) for k, v in state.items()}
 
 
+def read_model_state_dict(path: str) -> dict[str, np.ndarray]:
+  """A whole model's state_dict from a torch.save file, read by `pickled.load` (no torch,
+  nothing in the file runs); unwraps {'model': ...} / {'state_dict': ...} and 'module.'."""
+  try:
+    state = pickled.load(path)
+  except (pickled.RefusedPickle, ValueError) as e:
+    raise SystemExit(f'error: {e}') from None
+  for wrapper in ('model', 'state_dict'):
+    if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
+      state = state[wrapper]
+  if not isinstance(state, dict) or not state:
+    raise SystemExit(f'error: {path} holds no state_dict (no dict of tensors under '
+                     "'model' or 'state_dict')")
+  return {k.removeprefix('module.'): np.asarray(v) for k, v in state.items()
+          if isinstance(v, np.ndarray)}
+
+
+def convert_model(args) -> None:
+  """--framework: a whole model's checkpoint -> .npz for --config.model.weights."""
+  state = read_model_state_dict(args.src)
+  backbone_kwargs = json.loads(args.backbone_kwargs) if args.backbone_kwargs else {}
+  if args.img_size:
+    backbone_kwargs['img_size'] = tuple(args.img_size)
+  tasks = tuple(t for t in args.tasks.split(',') if t) if args.tasks else None
+  try:
+    variables, options = convert.convert_invpt_state_dict(state, args.arch, tasks,
+                                                          **backbone_kwargs)
+  except convert.CheckpointMismatchError as e:
+    hint = '; give --tasks in its order' if 'task order' in str(e) else ''
+    hint = '; give --img-size H W' if 'img_size must be given' in str(e) else hint
+    raise SystemExit(f'error: {args.src}: {e}{hint}') from None
+  dst = convert.save_npz(args.dst, variables, convert.model_arch(args.framework, args.arch),
+                         options)
+  count = sum(np.size(v) for v in jax.tree.leaves(variables['params']))
+  unused = convert.invpt_unused_keys(state)
+  tasks = [f'{t} ({c})' for t, c in options['task_channels']]
+  print(f'wrote {dst}: {args.framework} on {args.arch}, tasks in order {", ".join(tasks)}; '
+        f'{count:,} parameters from {len(state)} source tensors; '
+        f"head_channels={options['head_channels']}, "
+        f"backbone_kwargs {options['backbone_kwargs']}")
+  print(f'unused ({len(unused)} keys of modules InvPT builds but its forward never reads): '
+        f'{", ".join(unused) or "none"}')
+
+
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--arch', required=True, help=f"one of {', '.join(convert.ARCHS)}")
   parser.add_argument('--src', required=True,
                       help='.pth, .pt, .safetensors or (ViT) original .npz checkpoint')
   parser.add_argument('--dst', required=True, help='output .npz')
+  parser.add_argument('--framework', choices=FRAMEWORKS,
+                      help="convert a whole model of this framework (InvPT's checkpoints)")
+  parser.add_argument('--tasks', help='with --framework: the task order, comma-separated, '
+                      'where the file cannot tell it')
+  parser.add_argument('--img-size', type=int, nargs=2, metavar=('H', 'W'),
+                      help="with --framework: the ViT's training size (its position grid), "
+                      'where the grid is not square')
+  parser.add_argument('--backbone-kwargs', help="with --framework: the backbone's options "
+                      "where they differ from --arch's, as JSON")
   args = parser.parse_args(argv)
   if args.arch not in convert.ARCHS:
     raise SystemExit(f"error: unknown --arch '{args.arch}'; valid: {', '.join(convert.ARCHS)}")
   if not os.path.isfile(args.src):
     raise SystemExit(f'error: --src file not found: {args.src}')
+  if args.framework:
+    convert_model(args)
+    return
   state = read_state_dict(args.src)
   try:
     variables = convert.convert_torch_state_dict(args.arch, state)
