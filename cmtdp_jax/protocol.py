@@ -12,7 +12,8 @@ e.g. `--config configs/nyud_hrnet18_baseline.py:single_task=depth`.
 The ViT configs (`configs/*_vit*_mt.py`) use TaskPrompter's schedule instead
 of ATRC's (`recipe='taskprompter'`, `TASKPROMPTER`): the peers' protocol for
 plain ViTs. Everything else (tasks, augmentation, loss weights, edge
-options, evaluation) is the dataset's ATRC protocol.
+options, evaluation) is the dataset's ATRC protocol. The InvPT configs
+(`configs/*_invpt_vitl.py`) use InvPT's recipe (`recipe='invpt'`, `INVPT`).
 
 The partial-label benchmark (`configs/nyuv2_segnet.py`,
 `configs/cityscapes_segnet.py`) is MTPSL's protocol instead
@@ -70,13 +71,30 @@ TASKPROMPTER = {
     'crop_size': {'nyud': (448, 576), 'pascal_context': (512, 512)},
     'img_size': 384,
 }
-RECIPES = ('atrc', 'taskprompter')
+# InvPT's recipe (Ye and Xu, ECCV 2022), prismformore/Multi-Task-Transformer at 870c6be:
+# InvPT/configs/{nyud,pascal}/*_vitLp16.yml (adam lr 2e-5 weight_decay 1e-6, poly per
+# iteration, max_iter 40000, valBatch 6; trBatch 2 per GPU, a global batch of 6;
+# edge_w 0.95, also for NYUD, where ATRC's is 0.8), utils/config.py (TRAIN.SCALE = TEST.SCALE:
+# NYUD 448x576, PASCAL 512x512; the test images are padded to it, PadImage), and
+# utils/common_config.py (timm's vit_large_patch16_384 with img_size = TRAIN.SCALE, its
+# position grid resized once at load, drop_path_rate 0.15; no gradient clipping). The tasks'
+# augmentation and loss weights are ATRC's, as InvPT's own (its yml loss_weights).
+INVPT = {
+    'optim': {'name': 'adam', 'lr': 2e-5, 'weight_decay': 1e-6, 'grad_clip': 0.0,
+              'poly_power': 0.9, 'warmup_steps': 0},
+    'crop_size': {'nyud': (448, 576), 'pascal_context': (512, 512)},
+    'batch_size': 6,
+    'drop_path_rate': 0.15,
+    'edge_pos_weight': 0.95,
+}
+RECIPES = ('atrc', 'taskprompter', 'invpt')
 
 
 def protocol_config(dataset: str, backbone: str, framework: str, variant: str = '',
                     recipe: str = 'atrc') -> ml_collections.ConfigDict:
   """Base config with `dataset`'s ATRC protocol, `backbone`, `framework` and `variant`;
-  with `recipe='taskprompter'` TaskPrompter's optimizer, schedule and crop size (ViTs)."""
+  with `recipe='taskprompter'` TaskPrompter's optimizer, schedule and crop size (ViTs),
+  with `recipe='invpt'` InvPT's (`INVPT`)."""
   if dataset not in PROTOCOLS:
     raise ValueError(f"no protocol for dataset '{dataset}' (valid: {', '.join(PROTOCOLS)})")
   if recipe not in RECIPES:
@@ -118,11 +136,21 @@ def protocol_config(dataset: str, backbone: str, framework: str, variant: str = 
     config.model.backbone_kwargs = ml_collections.ConfigDict(
         {'img_size': TASKPROMPTER['img_size']})
     config.model.backbone_kwargs_for = backbone
+  edge_pos_weight = protocol.edge_pos_weight
+  if recipe == 'invpt':
+    size = INVPT['crop_size'][dataset]
+    config.data.crop_size = config.data.eval_crop_size = size
+    config.optim.update(INVPT['optim'])
+    config.batch_size = config.eval_batch_size = INVPT['batch_size']
+    config.model.backbone_kwargs = ml_collections.ConfigDict(
+        {'img_size': size, 'drop_path_rate': INVPT['drop_path_rate']})
+    config.model.backbone_kwargs_for = backbone
+    edge_pos_weight = INVPT['edge_pos_weight']
 
   _apply_variant(config, variant)
   # Only the trained tasks' options (config_lib.validate would ignore the others with a note).
   config.loss_options = ml_collections.ConfigDict(
-      {'edge': {'pos_weight': protocol.edge_pos_weight}} if 'edge' in config.tasks else {})
+      {'edge': {'pos_weight': edge_pos_weight}} if 'edge' in config.tasks else {})
   return config
 
 
