@@ -17,9 +17,9 @@ Evaluate InvPT's released PASCAL-Context checkpoint (InvPT/README.md), converted
       --config.model.weights=invpt_pascal.npz
 
 InvPT reports for it (README, last iteration): semseg mIoU 79.91, human parts mIoU 68.54,
-saliency maxF 84.38, normals mean error 13.90, odsF 72.90. Our saliency maxF scores the
-softmax's foreground probability, as ATRC; InvPT's evaluation applies a sigmoid to the
-softmax outputs (docs/models.md), so its maxF may differ slightly. 40k iterations of batch
+saliency maxF 84.38, normals mean error 13.90, odsF 72.90. Our saliency maxF thresholds the
+predicted probability (ATRC's); InvPT's evaluation applies a sigmoid to its softmax
+probability again (docs/models.md), so the two maxF may differ slightly. 40k iterations of batch
 6, Adam lr 2e-5, weight decay 1e-6, poly decay, drop path 0.15, 512x512 train and test;
 the ATRC protocol's tasks (in InvPT's order), augmentation, loss weights and evaluation.
 
