@@ -269,3 +269,11 @@ def test_vitl_configs_have_invpts_recipe(name, dataset, size, edge_pos_weight):
   assert config.loss_options.edge.pos_weight == edge_pos_weight
   assert not config.contrastive.enable and regularized.contrastive.enable
   config_lib.validate(config, 6)
+
+
+def test_check_invpt_command_agrees_with_the_transcription(capsys):
+  """The command a user with torch runs (ViT-S widths, 4 blocks, NYUD's tasks)."""
+  pytest.importorskip('torch', reason='check_invpt runs the PyTorch transcription: needs torch')
+  from cmtdp_jax.tools import check_invpt  # pylint: disable=import-outside-toplevel
+  assert check_invpt.main(['--depth', '4', '--image-size', '64', '128']) == 0
+  assert 'ok: worst' in capsys.readouterr().out
