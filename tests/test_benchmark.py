@@ -69,6 +69,21 @@ def test_cli_compiles_each_step_once_and_writes_json(tmp_path):
   assert 'skipped' in results['torch']  # no PyTorch reference of the compact backbone
 
 
+def test_gpu_table_row_of_an_invpt_result():
+  """gpu_table's row of a result as gpu.sh's InvPT rows write it (no torch, no MFU)."""
+  from cmtdp_jax.benchmarks import gpu_table  # pylint: disable=import-outside-toplevel
+  train = lambda seconds: {'train': {'step_time_s': {'median': seconds},
+                                     'images_per_s': 6 / seconds, 'peak_memory_bytes': 3 * 2**30}}
+  results = {'model': {'framework': 'invpt', 'backbone': 'vit_b16', 'dtype': 'bfloat16'},
+             'variants': {'without_regularizer': train(0.5), 'with_regularizer': train(0.51)},
+             'image_shape': [448, 576, 3], 'batch_size': 6, 'device': {'kind': 'NVIDIA H100'},
+             'mfu': 0.25, 'regularizer_overhead': {'step_time_ratio': 1.02, 'flops_share': 0.0053},
+             'torch': {'skipped': 'off'}}
+  assert gpu_table.row(results).strip('| ').split(' | ') == [
+      'vit_b16 `invpt`', '448x576 (6)', 'bfloat16', 'NVIDIA H100', '500.0', '12.0', '25.0%',
+      '3.00 GiB', '1.02x step time, 0.53% of FLOPs', '-']
+
+
 def test_remat_keeps_fewer_activations_in_the_train_step():
   config = tiny_config('')
   kept = {}
@@ -106,10 +121,13 @@ def test_pipeline_throughput(data_dir):
 @pytest.mark.parametrize('config_name, backbone, size', [
     ('nyud_hrnet18_baseline', 'hrnet_w18_small_v2', (32, 32)),
     ('nyud_vitb_mt', 'vit_s16', (64, 48)),  # timm's trunk; 4x3 tokens, padded to 64x64
+    # InvPT's transcription (no timm); its kwargs are for vit_l16, so the JAX ViT keeps its
+    # 224 position grid while the transcription's is the input's: the count accounts for it.
+    ('nyud_invpt_vitl', 'vit_b16', (64, 64)),
 ])
 def test_torch_reference_is_the_same_model(config_name, backbone, size):
   torch = pytest.importorskip('torch')
-  if backbone.startswith('vit'):
+  if config_name == 'nyud_vitb_mt':
     pytest.importorskip('timm')
   from cmtdp_jax.benchmarks import bench_torch  # pylint: disable=import-outside-toplevel
   config = importlib.import_module(f'configs.{config_name}').get_config()
@@ -128,6 +146,34 @@ def test_torch_reference_is_the_same_model(config_name, backbone, size):
   finally:
     torch.set_num_threads(threads)
   assert info['params'] == sum(x.size for x in jax.tree.leaves(shapes['params']))
+  if config.model.framework == 'invpt':  # + the modules InvPT builds and never reads
+    assert info['params_with_unused'] > info['params']
+
+
+def test_torch_invpt_supervises_the_intermediate_predictions(monkeypatch):
+  """InvPT's PyTorch step adds the loss of every prediction, the intermediate ones (the JAX
+  model's '<task>/intermediate') included, each with its task's loss, as the JAX step does."""
+  torch = pytest.importorskip('torch')
+  from cmtdp_jax.benchmarks import bench_torch  # pylint: disable=import-outside-toplevel
+  config = importlib.import_module('configs.nyud_invpt_vitl').get_config()
+  config.model.backbone = 'vit_b16'
+  config.batch_size, config.data.crop_size = 2, (64, 64)  # BatchNorm: 2 values at 1x1
+  losses = []
+
+  def task_loss(name, raw, label, options):
+    losses.append((name, tuple(raw.shape[2:])))
+    return real(name, raw, label, options)
+  real = bench_torch.task_loss
+  monkeypatch.setattr(bench_torch, 'task_loss', task_loss)
+  threads = torch.get_num_threads()
+  torch.set_num_threads(1)
+  try:
+    step, info = bench_torch.train_step(config, benchmark.synthetic_batch(config, 2, (64, 64)))
+    step()
+  finally:
+    torch.set_num_threads(threads)
+  assert sorted(losses) == sorted([(t, (64, 64)) for t in config.tasks] * 2)
+  assert info['params_with_unused'] > info['params']
 
 
 def test_compare_torch_alternates_the_frameworks_step_by_step(monkeypatch):

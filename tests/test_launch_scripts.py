@@ -162,6 +162,26 @@ def test_gpu_benchmark_dry_run_lists_the_rows_most_important_first(tmp_path):
         assert cmd[cmd.index("--json") + 1].startswith(str(tmp_path / "out") + "/")
 
 
+def test_gpu_benchmark_rows_pass_each_extra_flag_as_one_argument(tmp_path):
+    """The InvPT rows: ViT-L as configured, ViT-B through two overrides, each one argument;
+    the dry run's lines are quoted for the shell, so they parse back to the same words."""
+    res = subprocess.run(["bash", str(GPU_BENCHMARK), "--dry-run", str(tmp_path / "out")],
+                         capture_output=True, text=True, timeout=60, check=True)
+    commands = {}
+    for line in res.stdout.splitlines():
+        if line.startswith("+ "):
+            cmd = shlex.split(line[2:])
+            commands[Path(cmd[cmd.index("--json") + 1]).stem] = cmd
+    vitl, vitb = commands["nyud_invpt_vitl_bfloat16"], commands["nyud_invpt_vitb_bfloat16"]
+    for cmd in (vitl, vitb):
+        assert cmd[cmd.index("--config") + 1] == "configs/nyud_invpt_vitl.py"
+        assert "--config.model.dtype=bfloat16" in cmd
+    assert vitb[-2:] == ["--config.model.backbone=vit_b16",
+                         "--config.model.backbone_kwargs_for=vit_b16"]
+    assert not any(arg.startswith("--config.model.backbone") for arg in vitl)
+    assert commands["nyud_vitb_mt_bfloat16"][-1] == "--config.data.eval_crop_size=(448,576)"
+
+
 def _find_shellcheck() -> str | None:
     beside = Path(sys.executable).parent / "shellcheck"
     if beside.is_file() and os.access(beside, os.X_OK):

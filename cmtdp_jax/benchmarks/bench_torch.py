@@ -2,6 +2,9 @@
 
   python -m cmtdp_jax.benchmarks.benchmark --config configs/nyud_hrnet18_baseline.py --compare_torch
   python -m cmtdp_jax.benchmarks.benchmark --config configs/nyud_vitb_mt.py --compare_torch  # + timm
+  python -m cmtdp_jax.benchmarks.benchmark --config configs/nyud_invpt_vitl.py --compare_torch
+  python -m cmtdp_jax.benchmarks.bench_torch --config configs/nyud_invpt_vitl.py --steps 3 \
+      --json torch.json    # PyTorch's step alone, in its own process (no JAX state beside it)
 
 The HRNet / ResNet backbones are `tests/golden/torch_reference.py`
 (state_dict-compatible with the official checkpoints), which is not installed
@@ -15,11 +18,32 @@ weight decay, or AdamW; `grad_clip` as torch's `clip_grad_norm_`) at a constant
 learning rate. Eager PyTorch in its usual fast setup: channels_last on CUDA,
 bf16 autocast when the config computes in bfloat16. JAX's step also checks
 for non-finite updates; this one does not.
+
+InvPT (`invpt` on vit_b16 / vit_l16) is the whole-model transcription
+`tests/golden/torch_invpt.py` (`TransformerNet`: InvPT's ViT and decoder, its
+state_dict keys), with the widths of `models/invpt.py`: D = head_channels or
+dim // 2, P = dim // 16. Its intermediate predictions are supervised with
+their tasks' losses and weights, as `steps.compute_losses` supervises the
+sown '<task>/intermediate' predictions. Two differences from the JAX model,
+neither a change of InvPT: the transcription builds (and keeps in its
+optimizer) modules InvPT's forward never reads (`convert.invpt_unused_keys`,
+which the JAX model does not build: `params` is the transcription's count
+without them, `params_with_unused` InvPT's own), and its forward still runs
+the third `scale_embed` conv whose output nothing reads (~1% of ViT-L's
+forward FLOPs). It is an inference transcription: no stochastic depth and no
+dropout, while the InvPT configs train with drop_path_rate 0.15; set
+`--config.model.backbone_kwargs.drop_path_rate=0.0` for the same computation
+on both sides.
 """
 
 from __future__ import annotations
 
+import datetime
 import functools
+import json
+import os
+import sys
+import time
 
 import jax
 import torch
@@ -28,8 +52,10 @@ from torch import nn
 
 from cmtdp_jax import data as data_lib
 from cmtdp_jax import tasks as tasks_lib
+from cmtdp_jax.models import convert
 from cmtdp_jax.models import frameworks
 from cmtdp_jax.models.backbones import vit
+from tests.golden import torch_invpt
 from tests.golden import torch_reference
 
 TIMM_VITS = {'vit_s16': 'vit_small_patch16', 'vit_b16': 'vit_base_patch16',
@@ -151,12 +177,54 @@ class ViTMultiTask(nn.Module):
     return outputs
 
 
-def build_model(model_config, task_channels):
-  """The PyTorch model of `model_config`; ValueError when there is no reference of it."""
+class InvPTNet(torch_invpt.TransformerNet):
+  """InvPT's `TransformerNet` on `vit.SIZES[backbone]`, with `models/invpt.py`'s widths.
+
+  `forward(images)` returns {task: prediction, '<task>/intermediate': intermediate
+  prediction}, both at the input size (the keys of the JAX model's outputs and sown
+  auxiliary predictions). `img_size` is the input size: the transcription adds its
+  position embedding without resizing it. `jax_img_size` is the JAX ViT's `img_size`
+  (its position grid), for `params`.
+  """
+
+  def __init__(self, backbone, task_channels, img_size, head_channels=None,
+               jax_img_size=None):
+    size = vit.SIZES[backbone]
+    dim = size['dim']
+    channels = dict(task_channels)
+    super().__init__(list(channels), channels, tuple(img_size), dim, size['depth'],
+                     size['num_heads'], vit.VisionTransformer.mlp_ratio,
+                     head_channels or dim // 2, dim // 16)
+    state = dict(self.named_parameters())
+    unused = [k for k in convert.invpt_unused_keys(self.state_dict()) if k in state]
+    self.params_with_unused = sum(p.numel() for p in self.parameters())
+    # The JAX ViT stores its position embedding for its own img_size (1 + grid tokens).
+    grid = lambda s: (s, s) if isinstance(s, int) else tuple(s)
+    rows, cols = (x // 16 for x in grid(jax_img_size or img_size))
+    pos_embed = (1 + rows * cols) * dim - state['backbone.pos_embed'].numel()
+    self.params_ours = (self.params_with_unused - sum(state[k].numel() for k in unused) +
+                        pos_embed)
+
+  def forward(self, images):
+    predictions, intermediates, _ = super().forward(images)
+    return {**predictions, **{f'{t}/intermediate': p for t, p in intermediates.items()}}
+
+
+def build_model(model_config, task_channels, image_size=None):
+  """The PyTorch model of `model_config`; ValueError when there is no reference of it.
+  `image_size` (height, width), the input's, is needed by InvPT's transcription."""
   options = {}
   if model_config.get('backbone_kwargs_for', '') in ('', model_config.backbone):
     options = dict(model_config.get('backbone_kwargs', {}))
   head_channels = model_config.get('head_channels')
+  if model_config.framework == 'invpt' and model_config.backbone in ('vit_b16', 'vit_l16'):
+    jax_img_size = options.get('img_size', vit.VisionTransformer.img_size)
+    if image_size is None:
+      if 'img_size' not in options:
+        raise ValueError('InvPT\'s transcription needs the input size (image_size)')
+      image_size = options['img_size']
+    return InvPTNet(model_config.backbone, task_channels, tuple(image_size), head_channels,
+                    jax_img_size)
   if model_config.framework in ('baseline', 'single_task'):
     return MultiTaskFCN(torch_reference.build(model_config.backbone, **options), task_channels,
                         head_channels)
@@ -224,7 +292,7 @@ def train_step(config, numpy_batch):
   num_classes = data_lib.get_dataset_spec(config.data.name).num_classes
   task_channels = [(t, tasks_lib.get_task(t).num_outputs(num_classes)) for t in config.tasks]
   try:
-    model = build_model(config.model, task_channels).train()
+    model = build_model(config.model, task_channels, tuple(config.data.crop_size)).train()
   except ValueError as e:
     return None, {'skipped': str(e)}
   memory_format = torch.channels_last if device == 'cuda' else torch.contiguous_format
@@ -240,21 +308,98 @@ def train_step(config, numpy_batch):
                             enabled=config.model.dtype == 'bfloat16')
 
   def step():
-    optimizer.zero_grad(set_to_none=True)
     with autocast:
       outputs = model(images)
-    loss = sum(weights[t] * task_loss(t, outputs[t], batch[t], options[t])
-               for t in config.tasks)
+    # Every output, InvPT's '<task>/intermediate' predictions included (as the JAX step's
+    # deep supervision), gets its task's loss and weight.
+    loss = sum(weights[t] * task_loss(t, raw, batch[t], options[t])
+               for t, raw in ((key.split('/', 1)[0], raw) for key, raw in outputs.items()))
     loss.backward()
     if config.optim.grad_clip:
       torch.nn.utils.clip_grad_norm_(model.parameters(), config.optim.grad_clip)
     optimizer.step()
+    # Gradients freed now rather than at the next step: between steps PyTorch holds only
+    # the parameters and the optimizer state, next to JAX's state in the interleaved run.
+    optimizer.zero_grad(set_to_none=True)
     if device == 'cuda':
       torch.cuda.synchronize()
 
   return step, {
       'torch': torch.__version__, 'device': device, 'threads': torch.get_num_threads(),
       'memory_format': 'channels_last' if device == 'cuda' else 'contiguous',
-      'params': sum(p.numel() for p in model.parameters()),
+      # The parameters the JAX model has: InvPT's transcription without its unused modules.
+      'params': getattr(model, 'params_ours', sum(p.numel() for p in model.parameters())),
+      **({'params_with_unused': model.params_with_unused}
+         if hasattr(model, 'params_with_unused') else {}),
       # PyTorch's peak allocated memory so far (CUDA only), read after the timed steps.
       'peak_memory': torch.cuda.max_memory_allocated if device == 'cuda' else lambda: None}
+
+
+def time_alone(config, num_steps: int, warmup: int) -> dict:
+  """PyTorch's train step of `config` timed alone: the first call, `warmup` untimed steps,
+  then `num_steps` timed ones (each waited for), on `benchmark.synthetic_batch`. For models
+  whose two frameworks' states do not fit in memory together (InvPT ViT-L at 448x576 beside
+  a 24 GB machine's other work), where `benchmark --compare_torch` cannot interleave them."""
+  from cmtdp_jax.benchmarks import benchmark  # pylint: disable=import-outside-toplevel
+  step, info = train_step(config, benchmark.synthetic_batch(config, config.batch_size,
+                                                            config.data.crop_size))
+  if step is None:
+    raise ValueError(info['skipped'])
+  peak_memory = info.pop('peak_memory')
+  results = {'date': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
+             'load_average_start': list(os.getloadavg()),
+             'model': {'framework': config.model.framework, 'backbone': config.model.backbone,
+                       'dtype': config.model.dtype, 'tasks': list(config.tasks)},
+             'batch_size': config.batch_size, 'image_shape': [*config.data.crop_size, 3],
+             'steps': num_steps, 'warmup': warmup, **info}
+  start = time.perf_counter()
+  step()
+  results['first_call_s'] = time.perf_counter() - start
+  for _ in range(warmup):
+    step()
+  seconds = []
+  for _ in range(num_steps):
+    start = time.perf_counter()
+    step()
+    seconds.append(time.perf_counter() - start)
+  results['step_time_s'] = benchmark.step_stats(seconds)
+  results['seconds'] = seconds
+  results['images_per_s'] = config.batch_size / results['step_time_s']['median']
+  results['peak_memory_bytes'] = peak_memory()
+  results['load_average_end'] = list(os.getloadavg())
+  return results
+
+
+def main(argv, flag_values):
+  if len(argv) > 1:
+    sys.exit(f'unexpected arguments: {" ".join(argv[1:])}')
+  try:
+    results = time_alone(flag_values.config, flag_values.steps, flag_values.warmup)
+  except ValueError as e:
+    sys.exit(f'error: {e}')
+  stats = results['step_time_s']
+  print(f"PyTorch {results['model']['framework']}/{results['model']['backbone']} "
+        f"{results['model']['dtype']}, batch {results['batch_size']} x "
+        f"{results['image_shape'][0]}x{results['image_shape'][1]}, {results['device']}, torch "
+        f"{results['torch']}, {results['threads']} threads, {results['params']:,} parameters: "
+        f"step {stats['median']:.3f} s [{stats['p10']:.3f}, {stats['p90']:.3f}] over "
+        f"{stats['count']} steps, {results['images_per_s']:.3f} images/s, load average "
+        f"{results['load_average_start'][0]:.2f} -> {results['load_average_end'][0]:.2f}")
+  if flag_values.json:
+    with open(flag_values.json, 'w') as f:
+      json.dump(results, f, indent=2)
+
+
+if __name__ == '__main__':
+  # pylint: disable=import-outside-toplevel
+  from absl import app, flags
+  from ml_collections import config_flags
+
+  from cmtdp_jax import config_lib
+  config_flags.DEFINE_config_file('config', None, 'Config file (optionally file.py:variant).',
+                                  lock_config=True)
+  flags.DEFINE_integer('steps', 3, 'Timed train steps.')
+  flags.DEFINE_integer('warmup', 1, 'Untimed steps after the first call.')
+  flags.DEFINE_string('json', None, 'Where to write the results as JSON.')
+  flags.mark_flags_as_required(['config'])
+  app.run(lambda argv: main(argv, flags.FLAGS), flags_parser=config_lib.parse_flags)

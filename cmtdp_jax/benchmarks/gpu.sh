@@ -14,12 +14,15 @@ out="${1:?usage: gpu.sh [--dry-run] OUT_DIR}"
 budget_s="${GPU_BENCH_BUDGET_S:-540}"  # 9 minutes in all
 python="${PYTHON:-python3}"
 
-# name config dtype extra-flags, in order of importance.
+# name config dtype extra-flags (separated by spaces, none containing one), in order of
+# importance.
 rows=(
   "nyud_hrnet18_baseline_bfloat16 nyud_hrnet18_baseline bfloat16"
   "nyud_hrnet18_baseline_float32 nyud_hrnet18_baseline float32"
   "nyud_hrnet48_baseline_bfloat16 nyud_hrnet48_baseline bfloat16"
   "nyud_vitb_mt_bfloat16 nyud_vitb_mt bfloat16 --config.data.eval_crop_size=(448,576)"
+  "nyud_invpt_vitl_bfloat16 nyud_invpt_vitl bfloat16"
+  "nyud_invpt_vitb_bfloat16 nyud_invpt_vitl bfloat16 --config.model.backbone=vit_b16 --config.model.backbone_kwargs_for=vit_b16"
   "nyud_hrnet48_baseline_float32 nyud_hrnet48_baseline float32"
   "nyud_vitb_mt_float32 nyud_vitb_mt float32 --config.data.eval_crop_size=(448,576)"
   "pascal_hrnet18_baseline_bfloat16 pascal_hrnet18_baseline bfloat16"
@@ -29,14 +32,16 @@ rows=(
 mkdir -p "$out"
 start=$(date +%s)
 for row in "${rows[@]}"; do
-  read -r name config dtype extra <<<"$row"
+  read -r name config dtype rest <<<"$row"
+  read -r -a extra <<<"${rest:-}"
   left=$(( budget_s - ($(date +%s) - start) ))
   cmd=("$python" -m cmtdp_jax.benchmarks.benchmark --config "configs/$config.py"
        "--config.model.dtype=$dtype" --steps 20 --warmup 3 --nopipeline --noevaluation
        --json "$out/$name.json")
-  [[ -n "${extra:-}" ]] && cmd+=("$extra")
+  (( ${#extra[@]} )) && cmd+=("${extra[@]}")
   if (( dry_run )); then
-    echo "+ ${cmd[*]}"
+    printf -v line '%q ' "${cmd[@]}"  # quoted: each line runs as it is printed
+    echo "+ ${line% }"
     continue
   fi
   if (( left < 60 )); then

@@ -28,7 +28,7 @@ def row(results: dict) -> str:
                                     results['variants'] else 'without_regularizer')
   plain = results['variants'].get('without_regularizer', variant)
   height, width, _ = results['image_shape']
-  overhead = results.get('regularizer_overhead', {}).get('step_time_ratio')
+  overhead = results.get('regularizer_overhead', {})
   torch = results.get('torch', {}).get('jax_over_torch_images_per_s')
   cells = [
       f"{model['backbone']} `{model['framework']}`",
@@ -39,7 +39,8 @@ def row(results: dict) -> str:
       f"{plain['train']['images_per_s']:.1f}",
       _or_dash(results.get('mfu'), lambda v: f'{100 * v:.1f}%'),
       _or_dash(plain['train'].get('peak_memory_bytes'), lambda v: f'{v / 2**30:.2f} GiB'),
-      _or_dash(overhead, lambda v: f'{v:.2f}x step time'),
+      _or_dash(overhead.get('step_time_ratio'), lambda v: f'{v:.2f}x step time' + (
+          f", {overhead['flops_share']:.2%} of FLOPs" if 'flops_share' in overhead else '')),
       _or_dash(torch, lambda v: f'{v:.2f}'),
   ]
   return '| ' + ' | '.join(cells) + ' |'
