@@ -145,6 +145,9 @@ def test_task_order_is_read_from_the_file_or_asked_for(tmp_path, capsys):
     given = convert_cli(tmp_path, '--img-size', *IMAGE_SIZE, '--tasks',
                         ','.join(CASE['tasks']), src=sorted_file)
   capsys.readouterr()
+  with pytest.raises(convert.CheckpointMismatchError, match="not the checkpoint's"):
+    convert.convert_invpt_state_dict(state, 'vit_s16', ('semseg', 'depth', 'normals'),
+                                     img_size=tuple(CASE['image_size']), **TINY_BACKBONE)
   want, _ = convert.convert_invpt_state_dict(state, 'vit_s16',
                                              img_size=tuple(CASE['image_size']), **TINY_BACKBONE)
   with np.load(given) as data:

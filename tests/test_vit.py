@@ -366,27 +366,27 @@ def test_drop_path_drops_whole_branches_per_image():
   unscaled = np.all(np.isclose(dropped, plain.apply(variables, x)), axis=(1, 2))
   assert not unscaled.any()  # a kept branch is scaled by 1 / 0.75
   model = vit.vit_s16(**TINY, drop_path_rate=0.3)
-  assert [round(b.drop_path, 6) for b in model.bind(
-      model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))).blocks] == [0.0, 0.3]
+  shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+  assert [round(b.drop_path, 6) for b in model.bind(shapes).blocks] == [0.0, 0.3]
 
 
 def test_stochastic_depth_draws_from_the_step_rng():
-  """A ViT with drop_path_rate asks the train step for a 'dropout' stream; two steps with
-  different seeds then differ, and without it the step has no stream."""
+  """A ViT with drop_path_rate asks the train step for a 'dropout' stream, folded from the
+  step's rng: the same state at two step numbers then gives two losses. Without it the
+  step has no stream."""
   config = tiny_config(**{'model.backbone': 'vit_s16', 'model.backbone_kwargs': dict(TINY),
                           'model.backbone_kwargs_for': 'vit_s16', 'tasks': ('semseg',)})
   assert models.rng_streams(models.get_model(config.model, ('semseg',), {'semseg': 3})) == ()
   config.model.backbone_kwargs.drop_path_rate = 0.5
-  model = models.get_model(config.model, ('semseg',), {'semseg': 3})
-  assert models.rng_streams(model) == ('dropout',)
   mesh = jax.make_mesh((1,), ('data',), axis_types=(jax.sharding.AxisType.Explicit,),
                        devices=jax.devices()[:1])
+  built = steps.setup(config, mesh)
+  assert built.trainer.model_rng_streams == ('dropout',)
+  batch = {'image': jax.random.normal(jax.random.key(3), (config.batch_size, 32, 32, 3)),
+           'semseg': jnp.ones((config.batch_size, 32, 32), jnp.int32)}
   losses = []
-  for seed in (0, 1):
-    config.seed = seed
-    built = steps.setup(config, mesh)
+  for step in (0, 1):  # a fresh state each time: the step donates its input
     state = built.init(steps.init_key(0))
-    batch = {'image': jax.random.normal(jax.random.key(3), (config.batch_size, 32, 32, 3)),
-             'semseg': jnp.ones((config.batch_size, 32, 32), jnp.int32)}
-    losses.append(float(jax.jit(built.train_step)(state, batch)[1]['loss/total']))
+    state = state.replace(step=jnp.full_like(state.step, step))
+    losses.append(float(built.train_step(state, batch)[1]['loss/total']))
   assert losses[0] != losses[1]

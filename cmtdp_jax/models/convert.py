@@ -591,18 +591,20 @@ def convert_invpt_state_dict(state_dict: Mapping[str, Any], arch: str,
   `img_size`, is read from a square grid; a non-square one, as NYUD's 448x576, must be
   given). `INVPT_TWO_CLASS_TASKS` with 2 outputs are folded to one logit
   (`fold_invpt_two_class_head`). Returns (variables, options): {'params', 'batch_stats'}
-  of the whole model, and
-  what a model must be built with to take them: 'task_channels' ((task, channels), ...)
-  in the file's order, 'head_channels' (InvPT's embed_dim), 'prediction_channels'
-  (PRED_OUT_NUM_CONSTANT) and 'backbone_kwargs'. Raises CheckpointMismatchError naming
-  every missing, unexpected or mis-shaped key; `invpt_unused_keys` are skipped.
+  of the whole model, and what a model must be built with to take them: 'task_channels'
+  ((task, channels), ...) in the file's order, 'head_channels' (InvPT's embed_dim),
+  'prediction_channels' (PRED_OUT_NUM_CONSTANT) and 'backbone_kwargs'. Raises
+  CheckpointMismatchError naming every missing, unexpected or mis-shaped key;
+  `invpt_unused_keys` are skipped.
   """
-  order = tuple(tasks) if tasks else invpt_task_order(state_dict)
-  found = invpt_task_order(state_dict) if tasks is None else tuple(
-      dict.fromkeys(k.split('.')[1] for k in state_dict if k.startswith('heads.')))
-  if set(order) != set(found) or len(order) != len(found):
-    raise CheckpointMismatchError(f'the tasks {list(order)} are not the checkpoint\'s '
-                                  f'{sorted(found)}')
+  if tasks:
+    order = tuple(tasks)
+    found = {k.split('.')[1] for k in state_dict if k.startswith('heads.')}
+    if sorted(order) != sorted(found):
+      raise CheckpointMismatchError(f'the tasks {list(order)} are not the checkpoint\'s '
+                                    f'{sorted(found)}')
+  else:
+    order = invpt_task_order(state_dict)
   for task in INVPT_TWO_CLASS_TASKS:
     if task in order and np.shape(state_dict[f'heads.{task}.linear_pred.weight'])[0] == 2:
       state_dict = fold_invpt_two_class_head(state_dict, task)
