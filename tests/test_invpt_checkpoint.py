@@ -23,8 +23,9 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from cmtdp_jax import config_lib, models, pickled, steps, train
+from cmtdp_jax import config_lib, models, pickled, sharding, steps, train
 from cmtdp_jax import data as data_lib
+from cmtdp_jax.data import pipeline
 from cmtdp_jax import tasks as tasks_lib
 from cmtdp_jax.models import convert
 from cmtdp_jax.tools import convert_weights
@@ -231,22 +232,25 @@ def test_vitl_configs_match_the_released_models(config_name):
 
 
 def test_eval_mode_evaluates_converted_weights_without_a_checkpoint(tmp_path, data_dir):
-  """--mode=eval with config.model.weights and no checkpoint in the workdir: the weights
-  of a trained run, exported as a whole-model .npz, score exactly as that run's checkpoint."""
-  config = tiny_config(data_dir, num_steps=2, checkpoint_every=2)
-  trained = train.train_and_evaluate(config, str(tmp_path / 'trained'))
-  _, _, _, state = train.restore(config, str(tmp_path / 'trained'))
+  """--mode=eval with config.model.weights and no checkpoint in the workdir: a model's
+  variables, saved as a whole-model .npz, score exactly as those variables do."""
+  config = tiny_config(data_dir)
+  mesh = sharding.make_mesh(config.mesh)
+  built = steps.setup(config, mesh)
+  state = built.init(steps.init_key(7))  # not the seed the config initialises with
+  with jax.set_mesh(mesh):
+    want = train.run_evaluation(config, built.model, state, pipeline.open_eval_split(config),
+                                mesh)
   num_classes = data_lib.get_dataset_spec(config.data.name).num_classes
-  weights = convert.save_npz(
-      str(tmp_path / 'exported'), {'params': state.params['model'],
-                                   'batch_stats': state.batch_stats},
+  config.model.weights = convert.save_npz(
+      str(tmp_path / 'exported'), jax.device_get({'params': state.params['model'],
+                                                  'batch_stats': state.batch_stats}),
       convert.model_arch(config.model.framework, config.model.backbone),
       {'task_channels': [[t, tasks_lib.get_task(t).num_outputs(num_classes)]
                          for t in config.tasks]})
-  config.model.weights = weights
   evaluated = train.evaluate(config, str(tmp_path / 'published'))
   assert os.path.exists(tmp_path / 'published' / 'eval' / 'step_0.json')
-  assert evaluated == trained
+  assert evaluated == want
   config.tasks = tuple(reversed(config.tasks))
   with pytest.raises(convert.CheckpointMismatchError, match='holds the tasks in the order'):
     train.evaluate(config, str(tmp_path / 'reordered'))
