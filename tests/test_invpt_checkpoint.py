@@ -156,6 +156,13 @@ def test_task_order_is_read_from_the_file_or_asked_for(tmp_path, capsys):
       np.testing.assert_array_equal(data['/'.join(path)], value)
 
 
+def test_a_backbone_other_than_a_vit_is_one_line(tmp_path):
+  with pytest.raises(SystemExit) as error:
+    convert_weights.main(['--framework', 'invpt', '--arch', 'hrnet_w48', '--src',
+                          golden_lib.CHECKPOINT_FILE, '--dst', str(tmp_path / 'x.npz')])
+  assert '\n' not in str(error.value) and "not 'hrnet_w48'" in str(error.value)
+
+
 def test_non_square_grid_needs_img_size(tmp_path):
   with pytest.raises(SystemExit) as error:
     convert_cli(tmp_path)

@@ -36,6 +36,7 @@ import numpy as np
 
 from cmtdp_jax import pickled
 from cmtdp_jax.models import convert
+from cmtdp_jax.models.backbones import vit
 
 FRAMEWORKS = ('invpt',)
 
@@ -85,6 +86,9 @@ def read_model_state_dict(path: str) -> dict[str, np.ndarray]:
 
 def convert_model(args) -> None:
   """--framework: a whole model's checkpoint -> .npz for --config.model.weights."""
+  if args.arch not in vit.SIZES:
+    raise SystemExit(f"error: --framework {args.framework} runs on a ViT: --arch must be one of "
+                     f"{', '.join(vit.SIZES)}, not '{args.arch}'")
   state = read_model_state_dict(args.src)
   backbone_kwargs = json.loads(args.backbone_kwargs) if args.backbone_kwargs else {}
   if args.img_size:
