@@ -163,6 +163,16 @@ def test_a_backbone_other_than_a_vit_is_one_line(tmp_path):
   assert '\n' not in str(error.value) and "not 'hrnet_w48'" in str(error.value)
 
 
+@pytest.mark.parametrize('kwargs,message', [('{"dim": 64,', 'is not JSON'),
+                                            ('{"width": 3}', "unknown: ['width']")])
+def test_bad_backbone_kwargs_are_one_line(tmp_path, kwargs, message):
+  with pytest.raises(SystemExit) as error:
+    convert_weights.main(['--framework', 'invpt', '--arch', 'vit_s16', '--src',
+                          golden_lib.CHECKPOINT_FILE, '--dst', str(tmp_path / 'x.npz'),
+                          '--backbone-kwargs', kwargs])
+  assert '\n' not in str(error.value) and message in str(error.value)
+
+
 def test_non_square_grid_needs_img_size(tmp_path):
   with pytest.raises(SystemExit) as error:
     convert_cli(tmp_path)

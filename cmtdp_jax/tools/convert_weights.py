@@ -90,7 +90,16 @@ def convert_model(args) -> None:
     raise SystemExit(f"error: --framework {args.framework} runs on a ViT: --arch must be one of "
                      f"{', '.join(vit.SIZES)}, not '{args.arch}'")
   state = read_model_state_dict(args.src)
-  backbone_kwargs = json.loads(args.backbone_kwargs) if args.backbone_kwargs else {}
+  try:
+    backbone_kwargs = json.loads(args.backbone_kwargs) if args.backbone_kwargs else {}
+  except json.JSONDecodeError as e:
+    raise SystemExit(f'error: --backbone-kwargs is not JSON ({e})') from None
+  if not isinstance(backbone_kwargs, dict):
+    backbone_kwargs = {'': backbone_kwargs}  # reported below as an unknown option
+  unknown = sorted(set(backbone_kwargs) - set(vit.VisionTransformer.__dataclass_fields__))
+  if unknown:
+    raise SystemExit(f'error: --backbone-kwargs must be a JSON object of ViT options; '
+                     f'unknown: {unknown}')
   if args.img_size:
     backbone_kwargs['img_size'] = tuple(args.img_size)
   tasks = tuple(t for t in args.tasks.split(',') if t) if args.tasks else None
