@@ -173,6 +173,16 @@ def test_bad_backbone_kwargs_are_one_line(tmp_path, kwargs, message):
   assert '\n' not in str(error.value) and message in str(error.value)
 
 
+@pytest.mark.parametrize('dropped', ['multi_task_decoder.intermediate_head.semseg.weight',
+                                     'multi_task_decoder.intermediate_head.sal.bias'])
+def test_a_missing_key_the_converter_reads_is_named(dropped):
+  state = read_state()
+  del state[dropped]
+  with pytest.raises(convert.CheckpointMismatchError, match=f'missing {dropped}'):
+    convert.convert_invpt_state_dict(state, 'vit_s16', img_size=tuple(CASE['image_size']),
+                                     **TINY_BACKBONE)
+
+
 def test_non_square_grid_needs_img_size(tmp_path):
   with pytest.raises(SystemExit) as error:
     convert_cli(tmp_path)

@@ -564,7 +564,12 @@ def fold_invpt_two_class_head(state_dict: Mapping[str, Any], task: str) -> dict[
   Computed in float64.
   """
   state = dict(state_dict)
-  f64 = lambda key: np.asarray(state_dict[key], np.float64)
+
+  def f64(key):
+    if key not in state_dict:
+      raise CheckpointMismatchError(f'missing {key}')
+    return np.asarray(state_dict[key], np.float64)
+
   for head in (f'heads.{task}.linear_pred', f'multi_task_decoder.intermediate_head.{task}'):
     weight, bias = f64(f'{head}.weight'), f64(f'{head}.bias')
     state[f'{head}.weight'] = (weight[1:] - weight[:1]).astype(np.float32)
@@ -605,14 +610,18 @@ def convert_invpt_state_dict(state_dict: Mapping[str, Any], arch: str,
                                     f'{sorted(found)}')
   else:
     order = invpt_task_order(state_dict)
+  def shape(key):
+    if key not in state_dict:
+      raise CheckpointMismatchError(f'missing {key}')
+    return np.shape(state_dict[key])
+
   for task in INVPT_TWO_CLASS_TASKS:
-    if task in order and np.shape(state_dict[f'heads.{task}.linear_pred.weight'])[0] == 2:
+    if task in order and shape(f'heads.{task}.linear_pred.weight')[0] == 2:
       state_dict = fold_invpt_two_class_head(state_dict, task)
-  channels = tuple((t, int(np.shape(state_dict[f'heads.{t}.linear_pred.weight'])[0]))
-                   for t in order)
+  channels = tuple((t, int(shape(f'heads.{t}.linear_pred.weight')[0])) for t in order)
   first = order[0]
-  embed = int(np.shape(state_dict[f'multi_task_decoder.intermediate_head.{first}.weight'])[1])
-  width = int(np.shape(state_dict[f'multi_task_decoder.invpt.mix_proj.{first}.0.weight'])[0])
+  embed = int(shape(f'multi_task_decoder.intermediate_head.{first}.weight')[1])
+  width = int(shape(f'multi_task_decoder.invpt.mix_proj.{first}.0.weight')[0])
   backbone_state = {k[len('backbone.'):]: v for k, v in state_dict.items()
                     if k.startswith('backbone.')}
   backbone_kwargs = {**checkpoint_options(arch, backbone_state), **backbone_kwargs}
