@@ -554,6 +554,13 @@ def invpt_task_order(state_dict: Mapping[str, Any]) -> tuple[str, ...]:
 INVPT_TWO_CLASS_TASKS = ('sal',)
 
 
+def _required(state_dict: Mapping[str, Any], key: str):
+  """state_dict[key], or a CheckpointMismatchError naming the missing key."""
+  if key not in state_dict:
+    raise CheckpointMismatchError(f'missing {key}')
+  return state_dict[key]
+
+
 def fold_invpt_two_class_head(state_dict: Mapping[str, Any], task: str) -> dict[str, Any]:
   """`state_dict` with `task`'s 2-class heads made one-logit heads of the same function.
 
@@ -564,12 +571,7 @@ def fold_invpt_two_class_head(state_dict: Mapping[str, Any], task: str) -> dict[
   Computed in float64.
   """
   state = dict(state_dict)
-
-  def f64(key):
-    if key not in state_dict:
-      raise CheckpointMismatchError(f'missing {key}')
-    return np.asarray(state_dict[key], np.float64)
-
+  f64 = lambda key: np.asarray(_required(state_dict, key), np.float64)
   for head in (f'heads.{task}.linear_pred', f'multi_task_decoder.intermediate_head.{task}'):
     weight, bias = f64(f'{head}.weight'), f64(f'{head}.bias')
     state[f'{head}.weight'] = (weight[1:] - weight[:1]).astype(np.float32)
@@ -610,11 +612,7 @@ def convert_invpt_state_dict(state_dict: Mapping[str, Any], arch: str,
                                     f'{sorted(found)}')
   else:
     order = invpt_task_order(state_dict)
-  def shape(key):
-    if key not in state_dict:
-      raise CheckpointMismatchError(f'missing {key}')
-    return np.shape(state_dict[key])
-
+  shape = lambda key: np.shape(_required(state_dict, key))
   for task in INVPT_TWO_CLASS_TASKS:
     if task in order and shape(f'heads.{task}.linear_pred.weight')[0] == 2:
       state_dict = fold_invpt_two_class_head(state_dict, task)
@@ -631,7 +629,7 @@ def convert_invpt_state_dict(state_dict: Mapping[str, Any], arch: str,
         f'its position embedding has {np.shape(pos_embed)[1] - 1} positions, not a square '
         "grid, so the ViT's img_size must be given (InvPT's training size, 448x576 for NYUD)")
   backbone = convert_torch_state_dict(arch, backbone_state, pyramid='none', **backbone_kwargs)
-  dim = int(np.shape(pos_embed)[-1]) if pos_embed is not None else get_backbone(arch).dim
+  dim = int(np.shape(pos_embed)[-1])  # there: the backbone's conversion checked every key
   decoder = convert_invpt_decoder_state_dict(state_dict, channels, dim, embed, width - embed)
   variables = {'params': {'backbone': backbone['params'], **decoder['params']},
                'batch_stats': decoder['batch_stats']}
