@@ -41,6 +41,14 @@ from cmtdp_jax.models.backbones import vit
 FRAMEWORKS = ('invpt',)
 
 
+def unwrap_state_dict(state):
+  """The state_dict inside a checkpoint dict ({'state_dict': ...} or {'model': ...})."""
+  for wrapper in ('state_dict', 'model'):
+    if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
+      state = state[wrapper]
+  return state
+
+
 def read_state_dict(path: str) -> dict[str, np.ndarray]:
   """{key: numpy array} from a .safetensors, PyTorch or original ViT .npz checkpoint file.
 
@@ -59,10 +67,7 @@ def read_state_dict(path: str) -> dict[str, np.ndarray]:
     except ImportError:
       raise SystemExit(f'error: reading {path} needs PyTorch (pip install torch); '
                        '.safetensors files do not') from None
-    state = torch.load(path, map_location='cpu', weights_only=True)
-    for wrapper in ('state_dict', 'model'):
-      if isinstance(state.get(wrapper), dict):
-        state = state[wrapper]
+    state = unwrap_state_dict(torch.load(path, map_location='cpu', weights_only=True))
     state = {k: v.float().numpy() for k, v in state.items() if hasattr(v, 'numpy')}
   return {k.removeprefix('module.'): np.asarray(v) for k, v in state.items()}
 
@@ -74,9 +79,7 @@ def read_model_state_dict(path: str) -> dict[str, np.ndarray]:
     state = pickled.load(path)
   except (pickled.RefusedPickle, ValueError) as e:
     raise SystemExit(f'error: {e}') from None
-  for wrapper in ('model', 'state_dict'):
-    if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
-      state = state[wrapper]
+  state = unwrap_state_dict(state)
   if not isinstance(state, dict) or not state:
     raise SystemExit(f'error: {path} holds no state_dict (no dict of tensors under '
                      "'model' or 'state_dict')")
