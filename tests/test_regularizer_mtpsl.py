@@ -173,6 +173,25 @@ def test_stop_gradients_and_pairs(x64_results):
     assert all(v.dtype == np.float32 and v.shape == () for v in diagnostics.values())
 
 
+def test_partial_batches_run_only_the_pair_slots(golden):
+  """With `labelled` given, each image sends floor(T^2/4) pairs through the mapping network
+  (its active ones among them; the parity tests above check that nothing else changes),
+  not all T(T-1); MTPSL's 'full' setting sends all of them."""
+  names, _, _, (batch, _, _), _ = golden_lib.CASES['nyu']
+  num_tasks = len(names)
+  assert [mtpsl.pair_slots(t, True) for t in range(2, 7)] == [1, 2, 4, 6, 9]
+  assert max(l * (num_tasks - l) for l in range(num_tasks + 1)) == mtpsl.pair_slots(num_tasks,
+                                                                                    True)
+  for setting, pairs in (('partial', 4), ('full', num_tasks * (num_tasks - 1))):
+    module, params, predictions, bottleneck, labels, labelled, noise = case_setup(
+        golden, 'nyu', setting, jnp.float32)
+    _, state = module.apply({'params': params}, (None, View(predictions, {}, labels, bottleneck)),
+                            labelled, None, gumbel_noise=noise,
+                            capture_intermediates=lambda m, _: m.name == 'encoder_block_0')
+    (first,) = state['intermediates']['encoder_block_0']['__call__']
+    assert first.shape[0] == batch * 2 * pairs, setting
+
+
 def test_pair_index_is_the_flatten_trick():
   """MTPSL: A = zeros(T, T); A[s, t] = 1; A.flatten()[:-1].view(T-1, T+1)[:, 1:].flatten()."""
   for num_tasks in range(2, 7):

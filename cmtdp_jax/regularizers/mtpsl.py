@@ -46,9 +46,14 @@ Pair code: `A_taskpair`, a one-hot over the T(T-1) ordered pairs, is built by
 flattening the T x T one-hot of (s, t) minus its diagonal, row by row, so the
 pair (s, t) has index s (T - 1) + t - [t > s] (`pair_index`).
 
-Static shapes: every ordered pair of every image runs (B * 2 * T(T-1) network
-inputs in one batch) and the pairs MTPSL would skip are masked out; the Gumbel
-noise is drawn from `rng` unless given (`gumbel_noise`, for parity tests).
+Static shapes: an image with l of its T labels has l (T - l) active pairs, at
+most floor(T^2 / 4), so with `labelled` given each image sends its active pairs
+(in pair order) and fills the rest of floor(T^2 / 4) slots with inactive ones,
+which are masked out: B * 2 * floor(T^2 / 4) network inputs in one batch, 9
+rather than 30 pairs with six tasks (`pair_slots`). With `labelled=None` every
+pair is active and all T (T - 1) run. The Gumbel noise is drawn from `rng`
+unless given (`gumbel_noise`, for parity tests), per source task and target, so
+which slots run changes no draw.
 
 Parameters follow MTPSL's module paths with indices glued by '_'
 ('mapfns.conv_block_enc.2.1.bn.weight' -> conv_block_enc_2_1/bn/scale,
@@ -101,6 +106,12 @@ def pair_index(source: int, target: int, num_tasks: int) -> int:
 def ordered_pairs(num_tasks: int) -> tuple[tuple[int, int], ...]:
   """All (source, target) pairs, source != target, in pair-index order."""
   return tuple((s, t) for s in range(num_tasks) for t in range(num_tasks) if s != t)
+
+
+def pair_slots(num_tasks: int, partial: bool) -> int:
+  """Pairs each image sends through the network: at most l (T - l) <= floor(T^2 / 4)
+  are active when it keeps l of its T labels (`partial`); all T (T - 1) otherwise."""
+  return num_tasks ** 2 // 4 if partial else num_pairs(num_tasks)
 
 
 def film_params(path) -> bool:
@@ -280,40 +291,47 @@ class MTPSL(nn.Module):
       sources.append(jnp.broadcast_to(x, (batch, num_tasks - 1) + x.shape[2:]))
       targets.append(input_layer(index, self._target_maps(task, view.labels[task], channels,
                                                           dtype)))
-    source = jnp.concatenate(sources, axis=1)
+    source = jnp.concatenate(sources, axis=1)  # [B, P, H, W, C0], pair order
     target = jnp.stack([targets[t] for _, t in pairs], axis=1)
 
-    # The shared, pair-conditioned encoder on all B * 2 * P inputs at once; BN per input.
-    x = jnp.stack([source, target], axis=1)  # [B, 2, P, H, W, C0]
-    x = x.reshape((batch * 2 * num_p,) + x.shape[3:])
-    pair = jnp.tile(jnp.arange(num_p, dtype=jnp.int32), batch * 2)
-    for stage, features in enumerate(self.widths):
-      x = ConvTask(features, num_p, name=f'encoder_block_{stage}')(x, pair)
-      if stage < 2:
-        x = ConvTask(features, num_p, name=f'conv_block_enc_{stage}')(x, pair)
-      else:
-        for j in range(2):
-          x = ConvTask(features, num_p, name=f'conv_block_enc_{stage}_{j}')(x, pair)
-      x = max_pool_with_argmax(x)[0]
-    maps = x.reshape((batch, 2, num_p) + x.shape[1:])
-    map_s, map_t = maps[:, 0], maps[:, 1]  # [B, P, h, w, C]
-    feature = jax.lax.stop_gradient(jnp.asarray(view.bottleneck, dtype))[:, None]
-
-    def distance(a, b):  # 1 - the mean over positions of the cosine: [B, P]
-      return 1.0 - jnp.mean(cosine_similarity(a, b), axis=(2, 3))
-
-    consistency = distance(map_s, map_t)
-    regularization = distance(map_s, feature) + distance(map_t, feature)
-    pair_loss = consistency + self.reg_weight * regularization if self.reg_weight > 0 \
-        else consistency
-
-    if labelled is None:
+    if labelled is None:  # MTPSL's 'full': every pair of every image
       active = jnp.ones((batch, num_p), bool)
     else:
       kept = jnp.stack([jnp.asarray(labelled[task]).astype(bool) for task in self.tasks], axis=1)
       source_index = jnp.array([s for s, _ in pairs])
       target_index = jnp.array([t for _, t in pairs])
       active = ~kept[:, source_index] & kept[:, target_index]  # [B, P]
+    # Each image's active pairs first, in pair order, then inactive ones to fill its slots.
+    slots = pair_slots(num_tasks, labelled is not None)
+    pair = jnp.argsort(~active, axis=1, stable=True)[:, :slots].astype(jnp.int32)  # [B, K]
+    active = jnp.take_along_axis(active, pair, axis=1)
+
+    def chosen(x):  # [B, P, ...] -> the slots' [B, K, ...]
+      return jnp.take_along_axis(x, pair.reshape(pair.shape + (1,) * (x.ndim - 2)), axis=1)
+
+    # The shared, pair-conditioned encoder on all B * 2 * K inputs at once; BN per input.
+    x = jnp.stack([chosen(source), chosen(target)], axis=1)  # [B, 2, K, H, W, C0]
+    x = x.reshape((batch * 2 * slots,) + x.shape[3:])
+    codes = jnp.broadcast_to(pair[:, None], (batch, 2, slots)).reshape(-1)
+    for stage, features in enumerate(self.widths):
+      x = ConvTask(features, num_p, name=f'encoder_block_{stage}')(x, codes)
+      if stage < 2:
+        x = ConvTask(features, num_p, name=f'conv_block_enc_{stage}')(x, codes)
+      else:
+        for j in range(2):
+          x = ConvTask(features, num_p, name=f'conv_block_enc_{stage}_{j}')(x, codes)
+      x = max_pool_with_argmax(x)[0]
+    maps = x.reshape((batch, 2, slots) + x.shape[1:])
+    map_s, map_t = maps[:, 0], maps[:, 1]  # [B, K, h, w, C]
+    feature = jax.lax.stop_gradient(jnp.asarray(view.bottleneck, dtype))[:, None]
+
+    def distance(a, b):  # 1 - the mean over positions of the cosine: [B, K]
+      return 1.0 - jnp.mean(cosine_similarity(a, b), axis=(2, 3))
+
+    consistency = distance(map_s, map_t)
+    regularization = distance(map_s, feature) + distance(map_t, feature)
+    pair_loss = consistency + self.reg_weight * regularization if self.reg_weight > 0 \
+        else consistency
     loss = jnp.sum(jnp.where(active, pair_loss, 0.0)) / batch
     count = jnp.sum(active.astype(dtype))
     per_pair = jnp.maximum(count, 1.0)
