@@ -26,6 +26,7 @@ values are float64 computations stored as float32 (gradients).
     ReLU that flips is 2e-2 to 1e-1, a wrong pair order or layout far more.
 """
 
+import functools
 import os
 import sys
 
@@ -185,9 +186,10 @@ def test_partial_batches_run_only_the_pair_slots(golden):
   for setting, pairs in (('partial', 4), ('full', num_tasks * (num_tasks - 1))):
     module, params, predictions, bottleneck, labels, labelled, noise = case_setup(
         golden, 'nyu', setting, jnp.float32)
-    _, state = module.apply({'params': params}, (None, View(predictions, {}, labels, bottleneck)),
-                            labelled, None, gumbel_noise=noise,
-                            capture_intermediates=lambda m, _: m.name == 'encoder_block_0')
+    _, state = jax.eval_shape(functools.partial(
+        module.apply, capture_intermediates=lambda m, _: m.name == 'encoder_block_0'),
+        {'params': params}, (None, View(predictions, {}, labels, bottleneck)), labelled, None,
+        gumbel_noise=noise)
     (first,) = state['intermediates']['encoder_block_0']['__call__']
     assert first.shape[0] == batch * 2 * pairs, setting
 
