@@ -1,20 +1,17 @@
 """Eval extras (predictions, grids, edge PNGs) and the Figure 1 consistency analysis."""
 
-import glob
 import json
 import os
 
 import jax
 import numpy as np
 import pytest
-import tensorflow as tf
 from PIL import Image
-from tensorflow.core.util import event_pb2
 
 from cmtdp_jax import analysis
 from cmtdp_jax import contrastive
 from cmtdp_jax.evaluation import visualize
-from tests.test_cli import run_main
+from tests.test_cli import run_main, summary_tags
 
 TASKS = ('semseg', 'depth', 'edge')  # few tasks: the regularized train step compiles fast
 STEPS = 6
@@ -22,19 +19,19 @@ STEPS = 6
 
 @pytest.fixture(scope='module')
 def run(tmp_path_factory, data_dir):
-  """A 6-step smoke run trained with the regularizer, then evaluated with every extra on
-  and analysed."""
+  """A 6-step smoke run trained with the regularizer, whose final evaluation has every extra
+  on, then analysed. (`--mode=eval` writes its extras through the same code, and makes its
+  own TensorBoard writer for the grids: tests/test_cli.py.)"""
   workdir = str(tmp_path_factory.mktemp('analysis'))
   flags = (f'--config.num_steps={STEPS}', f'--config.checkpoint_every={STEPS}',
            '--config.contrastive.enable=True', f'--config.tasks={TASKS}')
-  run_main(workdir, *flags, data_dir=data_dir)
   # Eval pads the 32x32 images to 64x64; the saved outputs must be cropped back.
-  evaluated = run_main(workdir, *flags, '--mode=eval', '--config.data.eval_crop_size=(64, 64)',
-                       '--config.eval.save_predictions=True', '--config.eval.num_visualize=2',
-                       '--config.eval.export_edges=True', data_dir=data_dir)
+  run_main(workdir, *flags, '--config.data.eval_crop_size=(64, 64)',
+           '--config.eval.save_predictions=True', '--config.eval.num_visualize=2',
+           '--config.eval.export_edges=True', data_dir=data_dir)
   analysed = run_main(workdir, *flags, '--mode=analyze', '--config.analysis.num_batches=1',
                       data_dir=data_dir)
-  return {'workdir': workdir, 'eval': evaluated, 'analyze': analysed}
+  return {'workdir': workdir, 'analyze': analysed}
 
 
 def test_eval_saves_predictions_grids_and_edges(run):
@@ -56,15 +53,6 @@ def test_eval_saves_predictions_grids_and_edges(run):
   with Image.open(os.path.join(folder, 'edges', edges[0])) as edge:
     assert edge.size == (32, 32) and edge.mode == 'L'
   assert {'eval_vis/00000', 'eval_vis/00001'} <= summary_tags(run['workdir'])
-
-
-def summary_tags(workdir):
-  """Every TensorBoard tag written in `workdir`."""
-  tags = set()
-  for path in glob.glob(os.path.join(workdir, 'events.out.tfevents*')):
-    for record in tf.data.TFRecordDataset(path):
-      tags.update(v.tag for v in event_pb2.Event.FromString(record.numpy()).summary.value)
-  return tags
 
 
 def test_analyze_writes_plot_and_every_pair(run):

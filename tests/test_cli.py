@@ -1,5 +1,6 @@
 """The command line end to end: train, resume exactly, evaluate, clear errors."""
 
+import glob
 import json
 import os
 import re
@@ -142,13 +143,27 @@ def test_sigkill_resumes_from_last_checkpoint(runs, tmp_path):
   assert_same_params(runs['whole'], workdir, 12)
 
 
+def summary_tags(workdir):
+  """Every TensorBoard tag written in `workdir`."""
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+  from tensorflow.core.util import event_pb2  # pylint: disable=import-outside-toplevel
+  tags = set()
+  for path in glob.glob(os.path.join(workdir, 'events.out.tfevents*')):
+    for record in tf.data.TFRecordDataset(path):
+      tags.update(v.tag for v in event_pb2.Event.FromString(record.numpy()).summary.value)
+  return tags
+
+
 def test_eval_mode_restores_and_matches(runs):
+  """--mode=eval, with an image grid: it has no trainer's writer, so it makes its own."""
+  assert not any(tag.startswith('eval_vis/') for tag in summary_tags(runs['whole']))
   proc = run_main(runs['whole'], '--mode=eval', '--config.num_steps=12',
-                  data_dir=runs['data_dir'])
+                  '--config.eval.num_visualize=1', data_dir=runs['data_dir'])
   assert 'Evaluation at step 12:' in proc.stdout
   with open(os.path.join(runs['whole'], 'eval', 'step_12.json')) as f:
     results = json.load(f)
   assert np.isfinite(results['depth/rmse'])
+  assert 'eval_vis/00000' in summary_tags(runs['whole'])
 
 
 @pytest.mark.parametrize('flags,message', [
