@@ -300,6 +300,15 @@ def is_partial(data_config) -> bool:
   return bool(data_config.partial_labels or data_config.label_mapping)
 
 
+def most_labels(data_config) -> int | None:
+  """The most tasks one training image can have labelled under `data_config` when the
+  config alone bounds it: 1 in 'one_label', 2 with `derive_labels` (which labels one more
+  task); None otherwise (a 'random' draw or a user's file may label every task)."""
+  if data_config.partial_labels != 'one_label':
+    return None
+  return 2 if data_config.derive_labels else 1
+
+
 def _fields_read(data: Mapping) -> set[str]:
   """The partial-label fields (of `config.data` as a dict) that choose the mapping."""
   if data['label_mapping']:

@@ -194,6 +194,45 @@ def test_partial_batches_run_only_the_pair_slots(golden):
     assert first.shape[0] == batch * 2 * pairs, setting
 
 
+def test_one_label_batches_run_the_fewer_slots_with_the_same_loss(golden):
+  """`max_labels=1` (one-label training) runs T-1 slots per image, with the loss and the
+  gradients of the floor(T^2/4) slots (x64: the same terms, summed over other zeros); an
+  image with more labels than that makes the loss NaN rather than drop its pairs."""
+  names, _, _, (batch, _, _), _ = golden_lib.CASES['nyu']
+  num_tasks = len(names)
+  assert [mtpsl.pair_slots(6, True, most) for most in (1, 2, 3, 6, None)] == [5, 8, 9, 9, 9]
+  assert mtpsl.pair_slots(6, False, 1) == 30
+  one_label = {t: jnp.asarray([t == 'depth', t == 'edge']) for t in names}
+  with jax.enable_x64(True):
+    module, params, predictions, bottleneck, labels, two_labels, noise = case_setup(
+        golden, 'nyu', 'partial', jnp.float64)
+    fewer = module.clone(max_labels=1)
+
+    def loss_fn(mod, labelled, p, preds):
+      view = View(preds, {}, labels, bottleneck)
+      return mod.apply({'params': p}, (None, view), labelled, None, gumbel_noise=noise)[0]
+
+    grad = jax.jit(jax.value_and_grad(loss_fn, argnums=(2, 3)), static_argnums=0)
+    want, got = grad(module, one_label, params, predictions), grad(fewer, one_label, params,
+                                                                    predictions)
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-12)
+    # Gradients to 1e-12 of the largest entry: float64 sums of ~10^3 terms in another order
+    # are ~1e-13 apart, and the conv biases' exact gradient, 0, is computed as 1e-16 noise.
+    scale = max(np.max(np.abs(g)) for g in jax.tree.leaves(want[1]))
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=1e-12 * scale),
+                 got[1], want[1])
+    assert np.isfinite(want[0]) and want[0] > 0
+    assert np.isnan(loss_fn(fewer, two_labels, params, predictions))  # image 1 keeps 2
+    _, state = jax.eval_shape(functools.partial(
+        fewer.apply, capture_intermediates=lambda m, _: m.name == 'encoder_block_0'),
+        {'params': params}, (None, View(predictions, {}, labels, bottleneck)), one_label, None,
+        gumbel_noise=noise)
+  (first,) = state['intermediates']['encoder_block_0']['__call__']
+  assert first.shape[0] == batch * 2 * (num_tasks - 1)
+  with pytest.raises(ValueError, match='max_labels must be >= 1'):
+    mtpsl.MTPSL(tasks=names, input_channels=module.input_channels, max_labels=0)
+
+
 def test_pair_index_is_the_flatten_trick():
   """MTPSL: A = zeros(T, T); A[s, t] = 1; A.flatten()[:-1].view(T-1, T+1)[:, 1:].flatten()."""
   for num_tasks in range(2, 7):

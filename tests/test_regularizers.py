@@ -124,6 +124,27 @@ def test_control_fills_missing_sal_from_kept_semseg(data_dir):
     _first_batches(config)
 
 
+def test_most_labels_bounds_every_one_label_batch(data_dir):
+  """MTPSL's pair slots rest on `most_labels`: no image of a one-label batch keeps more
+  labels, the derived one counted; other regimes give no bound."""
+  for derive, most in (('', 1), ('sal_from_semseg', 2)):
+    config = tiny_config(data_dir, **{'data.partial_labels': 'one_label',
+                                      'data.derive_labels': derive})
+    assert label_mapping.most_labels(config.data) == most
+    source = pipeline.open_split(config.data, 'train', config.tasks)
+    mapping = label_mapping.draw(pipeline.split_ids(source), config.tasks, 'one_label', seed=0)
+    counts = np.concatenate([np.sum([batch['labelled'][t] for t in config.tasks], axis=0)
+                             for batch in _first_batches(config, 4, mapping)])
+    assert counts.max() == most  # reached: some image has a derived sal label
+  for overrides in ({}, {'data.partial_labels': 'random'}):
+    assert label_mapping.most_labels(tiny_config(data_dir, **overrides).data) is None
+  mtpsl_config = tiny_config(data_dir, **{'data.partial_labels': 'one_label',
+                                          'regularizer.name': 'mtpsl'})
+  choice = regularizers.choose(mtpsl_config, mtpsl_config.tasks,
+                               dict(synthetic_world.NUM_CLASSES), (8, 16))
+  assert choice.module.max_labels == 1
+
+
 def test_unknown_derivation_names_the_flag(data_dir):
   config = tiny_config(data_dir, **{'data.derive_labels': 'depth_from_sal'})
   source = pipeline.open_split(config.data, 'train', config.tasks)

@@ -30,6 +30,7 @@ from typing import Any, Callable
 import flax.linen as nn
 
 from cmtdp_jax import contrastive
+from cmtdp_jax import label_mapping
 from cmtdp_jax import tasks as tasks_lib
 from cmtdp_jax.regularizers import jtr
 from cmtdp_jax.regularizers import mtpsl
@@ -92,7 +93,8 @@ def _mtpsl(config, task_names, num_classes, bottleneck):
                      f"width {bottleneck[0]} (MTPSL's mapping meets the model's bottleneck)")
   module = mtpsl.MTPSL(tasks=tuple(task_names),
                        input_channels=input_channels(task_names, num_classes), widths=widths,
-                       reg_weight=float(options.reg_weight))
+                       reg_weight=float(options.reg_weight),
+                       max_labels=label_mapping.most_labels(config.data))
   return module, 2.0, (mtpsl.film_params, float(options.film_lr))
 
 

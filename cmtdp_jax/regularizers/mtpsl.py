@@ -50,10 +50,15 @@ Static shapes: an image with l of its T labels has l (T - l) active pairs, at
 most floor(T^2 / 4), so with `labelled` given each image sends its active pairs
 (in pair order) and fills the rest of floor(T^2 / 4) slots with inactive ones,
 which are masked out: B * 2 * floor(T^2 / 4) network inputs in one batch, 9
-rather than 30 pairs with six tasks (`pair_slots`). With `labelled=None` every
-pair is active and all T (T - 1) run. The Gumbel noise is drawn from `rng`
-unless given (`gumbel_noise`, for parity tests), per source task and target, so
-which slots run changes no draw.
+rather than 30 pairs with six tasks (`pair_slots`). When no image keeps more
+than `max_labels` labels (one-label training: 1), the slots shrink to the most
+active pairs such an image has, T - 1 for one label: MTPSL's own cost, which
+runs an image's active pairs only. An image with more active pairs than slots
+makes the loss NaN (the train step skips a non-finite step and counts it), never
+a loss over fewer pairs. With `labelled=None` every pair is active and all
+T (T - 1) run. The Gumbel noise is drawn from `rng` unless given
+(`gumbel_noise`, for parity tests), per source task and target, so which slots
+run changes no draw.
 
 Parameters follow MTPSL's module paths with indices glued by '_'
 ('mapfns.conv_block_enc.2.1.bn.weight' -> conv_block_enc_2_1/bn/scale,
@@ -108,10 +113,14 @@ def ordered_pairs(num_tasks: int) -> tuple[tuple[int, int], ...]:
   return tuple((s, t) for s in range(num_tasks) for t in range(num_tasks) if s != t)
 
 
-def pair_slots(num_tasks: int, partial: bool) -> int:
-  """Pairs each image sends through the network: at most l (T - l) <= floor(T^2 / 4)
-  are active when it keeps l of its T labels (`partial`); all T (T - 1) otherwise."""
-  return num_tasks ** 2 // 4 if partial else num_pairs(num_tasks)
+def pair_slots(num_tasks: int, partial: bool, max_labels: int | None = None) -> int:
+  """Pairs each image sends through the network: l (T - l) are active when it keeps l of
+  its T labels (`partial`), the most over l <= `max_labels` (None: any l, floor(T^2 / 4));
+  all T (T - 1) otherwise."""
+  if not partial:
+    return num_pairs(num_tasks)
+  most = num_tasks if max_labels is None else min(max_labels, num_tasks)
+  return max(kept * (num_tasks - kept) for kept in range(most + 1))
 
 
 def film_params(path) -> bool:
@@ -157,11 +166,14 @@ class MTPSL(nn.Module):
     widths: the encoder's stage widths, one 2x2 max-pool each; the last is the
       bottleneck's width (MTAN's SegNet: 64-128-256-512-512).
     reg_weight: weight of the two terms tying the maps to the bottleneck.
+    max_labels: the most labels any image of a partially labelled batch keeps
+      (`label_mapping.most_labels`), which bounds the pair slots; None: any number.
   """
   tasks: tuple[str, ...]
   input_channels: tuple[int, ...]
   widths: tuple[int, ...] = (64, 128, 256, 512, 512)
   reg_weight: float = 0.5
+  max_labels: int | None = None
   extra_views: ClassVar[int] = 1
   param_key: ClassVar[str] = 'mtpsl'
 
@@ -173,6 +185,8 @@ class MTPSL(nn.Module):
                        f'{len(self.tasks)} tasks {tuple(self.tasks)}')
     if not self.widths:
       raise ValueError('mtpsl widths must not be empty')
+    if self.max_labels is not None and self.max_labels < 1:
+      raise ValueError(f'mtpsl max_labels must be >= 1 or None, got {self.max_labels}')
     fixed = {BINARY: 2, DEPTH: 1, NORMALS: 3}
     for task, channels in zip(self.tasks, self.input_channels):
       kind = input_kind(task)
@@ -249,7 +263,8 @@ class MTPSL(nn.Module):
       gumbel_noise: optional fixed draws, {task: array of `gumbel_noise_shapes`}.
 
     Returns:
-      loss: sum over images and their active pairs of the pair loss, over B.
+      loss: sum over images and their active pairs of the pair loss, over B; NaN when
+        an image keeps more than `max_labels` labels.
       diagnostics: float32 scalars 'pairs' (active pairs per image), 'consistency'
         (mean 1 - cos(map_s, map_t) over active pairs) and 'regularization' (mean
         of (1 - cos(map_s, f)) + (1 - cos(map_t, f)) over them).
@@ -302,7 +317,8 @@ class MTPSL(nn.Module):
       target_index = jnp.array([t for _, t in pairs])
       active = ~kept[:, source_index] & kept[:, target_index]  # [B, P]
     # Each image's active pairs first, in pair order, then inactive ones to fill its slots.
-    slots = pair_slots(num_tasks, labelled is not None)
+    slots = pair_slots(num_tasks, labelled is not None, self.max_labels)
+    overflow = jnp.any(jnp.sum(active, axis=1) > slots)  # more labels than max_labels
     pair = jnp.argsort(~active, axis=1, stable=True)[:, :slots].astype(jnp.int32)  # [B, K]
     active = jnp.take_along_axis(active, pair, axis=1)
 
@@ -333,6 +349,7 @@ class MTPSL(nn.Module):
     pair_loss = consistency + self.reg_weight * regularization if self.reg_weight > 0 \
         else consistency
     loss = jnp.sum(jnp.where(active, pair_loss, 0.0)) / batch
+    loss = jnp.where(overflow, jnp.nan, loss)
     count = jnp.sum(active.astype(dtype))
     per_pair = jnp.maximum(count, 1.0)
     diagnostics = {
