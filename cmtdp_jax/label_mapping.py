@@ -300,13 +300,30 @@ def is_partial(data_config) -> bool:
   return bool(data_config.partial_labels or data_config.label_mapping)
 
 
+def _most_kept(data_config) -> int | None:
+  """The most tasks a mapping of `data_config` gives one image: 1 in 'one_label'; None
+  otherwise (a 'random' draw or a user's file may give every task)."""
+  return 1 if data_config.partial_labels == 'one_label' else None
+
+
 def most_labels(data_config) -> int | None:
   """The most tasks one training image can have labelled under `data_config` when the
   config alone bounds it: 1 in 'one_label', 2 with `derive_labels` (which labels one more
-  task); None otherwise (a 'random' draw or a user's file may label every task)."""
-  if data_config.partial_labels != 'one_label':
-    return None
-  return 2 if data_config.derive_labels else 1
+  task); None otherwise."""
+  most = _most_kept(data_config)
+  return most and most + bool(data_config.derive_labels)
+
+
+def _within_most_kept(mapping: LabelMapping, data_config, path: str) -> LabelMapping:
+  """`mapping`, if no image keeps more tasks than `data_config` gives one (a saved mapping
+  can come from another config, through config.allow_config_change, or a hand edit)."""
+  most = _most_kept(data_config)
+  over = next(((i, t) for i, t in mapping.items() if most and len(t) > most), None)
+  if over is not None:
+    raise ValueError(f"{path}: image '{over[0]}' keeps {len(over[1])} tasks {list(over[1])}, "
+                     f"but config.data.partial_labels='{data_config.partial_labels}' keeps "
+                     f'{most}: this mapping was drawn under another config')
+  return mapping
 
 
 def _fields_read(data: Mapping) -> set[str]:
@@ -358,7 +375,7 @@ def for_run(data_config, tasks: Sequence[str], ids: Sequence[str], workdir: str,
                      'mapping needs unique ids')
   saved_path = os.path.join(workdir, FILENAME)
   if resuming and os.path.exists(saved_path):
-    return read(saved_path, ids, tasks)
+    return _within_most_kept(read(saved_path, ids, tasks), data_config, saved_path)
   if data_config.label_mapping:
     return read(data_config.label_mapping, ids, tasks, data_config.name)
   return draw(ids, tasks, data_config.partial_labels, data_config.label_fraction,

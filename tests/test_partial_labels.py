@@ -633,6 +633,26 @@ def test_mapping_is_written_once_and_read_back_by_a_resume(tmp_path, data_dir, c
   assert not os.path.exists(tmp_path / 'full' / label_mapping.FILENAME)
 
 
+def test_a_resume_refuses_a_saved_mapping_over_one_label(tmp_path, data_dir):
+  """MTPSL's pair slots trust `label_mapping.most_labels`: a saved mapping that gives an
+  image more tasks than 'one_label' does (another config's, kept through
+  config.allow_config_change, or a hand edit) stops the start with one line."""
+  from cmtdp_jax.data import pipeline  # pylint: disable=import-outside-toplevel
+  config = tiny_config(data_dir, **{'data.partial_labels': 'one_label'})
+  ids = pipeline.split_ids(pipeline.open_split(config.data, 'train', config.tasks))
+  workdir = str(tmp_path)
+  label_mapping.save(workdir, label_mapping.draw(ids, config.tasks, 'random', 0.9))
+  with pytest.raises(ValueError, match=r"label_mapping.json: image '\d+' keeps [2-6] tasks "
+                                       r".*partial_labels='one_label' keeps 1: this mapping"):
+    workdir_lib.label_mapping_at_start(config, workdir, lambda: ids, is_chief=True,
+                                       resuming=True)
+  one_label = label_mapping.draw(ids, config.tasks, 'one_label')
+  label_mapping.save(workdir, one_label)
+  config.data.derive_labels = 'sal_from_semseg'  # adds its label later, in the pipeline
+  assert workdir_lib.label_mapping_at_start(config, workdir, lambda: ids, is_chief=True,
+                                            resuming=True) == one_label
+
+
 def test_cli_trains_and_evaluates_one_label_end_to_end(tmp_path, data_dir):
   workdir = str(tmp_path / 'run')
   proc = run_main(workdir, '--config.num_steps=2', '--config.log_every=1',

@@ -138,11 +138,13 @@ def test_most_labels_bounds_every_one_label_batch(data_dir):
     assert counts.max() == most  # reached: some image has a derived sal label
   for overrides in ({}, {'data.partial_labels': 'random'}):
     assert label_mapping.most_labels(tiny_config(data_dir, **overrides).data) is None
-  mtpsl_config = tiny_config(data_dir, **{'data.partial_labels': 'one_label',
-                                          'regularizer.name': 'mtpsl'})
-  choice = regularizers.choose(mtpsl_config, mtpsl_config.tasks,
-                               dict(synthetic_world.NUM_CLASSES), (8, 16))
-  assert choice.module.max_labels == 1
+  for derive, most in (('', 1), ('sal_from_semseg', 2)):
+    mtpsl_config = tiny_config(data_dir, **{'data.partial_labels': 'one_label',
+                                            'data.derive_labels': derive,
+                                            'regularizer.name': 'mtpsl'})
+    choice = regularizers.choose(mtpsl_config, mtpsl_config.tasks,
+                                 dict(synthetic_world.NUM_CLASSES), (8, 16))
+    assert choice.module.max_labels == most
 
 
 def test_unknown_derivation_names_the_flag(data_dir):

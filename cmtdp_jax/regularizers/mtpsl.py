@@ -264,7 +264,8 @@ class MTPSL(nn.Module):
 
     Returns:
       loss: sum over images and their active pairs of the pair loss, over B; NaN when
-        an image keeps more than `max_labels` labels.
+        an image has more active pairs than slots (only possible with more than
+        `max_labels` labels).
       diagnostics: float32 scalars 'pairs' (active pairs per image), 'consistency'
         (mean 1 - cos(map_s, map_t) over active pairs) and 'regularization' (mean
         of (1 - cos(map_s, f)) + (1 - cos(map_t, f)) over them).
