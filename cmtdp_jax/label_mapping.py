@@ -311,14 +311,18 @@ def most_labels(data_config) -> int | None:
   config alone bounds it: 1 in 'one_label', 2 with `derive_labels` (which labels one more
   task); None otherwise."""
   most = _most_kept(data_config)
-  return most and most + bool(data_config.derive_labels)
+  if most is None:
+    return None
+  return most + (1 if data_config.derive_labels else 0)
 
 
 def _within_most_kept(mapping: LabelMapping, data_config, path: str) -> LabelMapping:
   """`mapping`, if no image keeps more tasks than `data_config` gives one (a saved mapping
   can come from another config, through config.allow_config_change, or a hand edit)."""
   most = _most_kept(data_config)
-  over = next(((i, t) for i, t in mapping.items() if most and len(t) > most), None)
+  if most is None:
+    return mapping
+  over = next(((i, t) for i, t in mapping.items() if len(t) > most), None)
   if over is not None:
     raise ValueError(f"{path}: image '{over[0]}' keeps {len(over[1])} tasks {list(over[1])}, "
                      f"but config.data.partial_labels='{data_config.partial_labels}' keeps "

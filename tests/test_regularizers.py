@@ -136,15 +136,12 @@ def test_most_labels_bounds_every_one_label_batch(data_dir):
     counts = np.concatenate([np.sum([batch['labelled'][t] for t in config.tasks], axis=0)
                              for batch in _first_batches(config, 4, mapping)])
     assert counts.max() == most  # reached: some image has a derived sal label
+    config.regularizer.name = 'mtpsl'
+    choice = regularizers.choose(config, config.tasks, dict(synthetic_world.NUM_CLASSES),
+                                 (8, 16))
+    assert choice.module.max_labels == most
   for overrides in ({}, {'data.partial_labels': 'random'}):
     assert label_mapping.most_labels(tiny_config(data_dir, **overrides).data) is None
-  for derive, most in (('', 1), ('sal_from_semseg', 2)):
-    mtpsl_config = tiny_config(data_dir, **{'data.partial_labels': 'one_label',
-                                            'data.derive_labels': derive,
-                                            'regularizer.name': 'mtpsl'})
-    choice = regularizers.choose(mtpsl_config, mtpsl_config.tasks,
-                                 dict(synthetic_world.NUM_CLASSES), (8, 16))
-    assert choice.module.max_labels == most
 
 
 def test_unknown_derivation_names_the_flag(data_dir):
