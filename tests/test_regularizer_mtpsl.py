@@ -195,8 +195,9 @@ def test_partial_batches_run_only_the_pair_slots(golden):
 
 
 def test_one_label_batches_run_the_fewer_slots_with_the_same_loss(golden):
-  """`max_labels=1` (one-label training) runs T-1 slots per image, with the loss and the
-  gradients of the floor(T^2/4) slots (x64: the same terms, summed over other zeros); an
+  """`max_labels=1` (one-label training) runs T-1 slots per image, and maps one Gumbel draw
+  of each categorical prediction rather than T-1, with the loss and the gradients of the
+  floor(T^2/4) slots and all draws (x64: the same terms, summed over other zeros); an
   image with more active pairs than slots makes the loss NaN (its gradient stays finite:
   the train step rejects the step by its loss) rather than drop its pairs."""
   names, _, _, (batch, _, _), _ = golden_lib.CASES['nyu']
@@ -226,12 +227,23 @@ def test_one_label_batches_run_the_fewer_slots_with_the_same_loss(golden):
     over_loss, over_grads = grad(fewer, two_labels, params, predictions)  # image 1 keeps 2
     assert np.isnan(over_loss)
     assert all(np.isfinite(g).all() for g in jax.tree.leaves(over_grads))
-    _, state = jax.eval_shape(functools.partial(
-        fewer.apply, capture_intermediates=lambda m, _: m.name == 'encoder_block_0'),
-        {'params': params}, (None, View(predictions, {}, labels, bottleneck)), one_label, None,
-        gumbel_noise=noise)
-  (first,) = state['intermediates']['encoder_block_0']['__call__']
-  assert first.shape[0] == batch * 2 * (num_tasks - 1)
+    inputs = {}
+    for mod in (module, fewer):
+      _, state = jax.eval_shape(functools.partial(
+          mod.apply, capture_intermediates=lambda m, _: m.name in (
+              'encoder_block_0', 'pred_encoder_source_0_0')),
+          {'params': params}, (None, View(predictions, {}, labels, bottleneck)), one_label,
+          None, gumbel_noise=noise)
+      inputs[mod.max_labels] = {name: [x.shape[0] for x in calls['__call__']]
+                                for name, calls in state['intermediates'].items()}
+  assert mtpsl.input_kind(names[0]) == mtpsl.CATEGORICAL
+  # The encoder's inputs; semseg's input conv: its predictions' draws, then its labels.
+  assert inputs[1] == {'encoder_block_0': [batch * 2 * (num_tasks - 1)],
+                       'pred_encoder_source_0_0': [batch, batch]}
+  assert inputs[None] == {'encoder_block_0': [batch * 2 * mtpsl.pair_slots(num_tasks, True)],
+                          'pred_encoder_source_0_0': [batch * (num_tasks - 1), batch]}
+  assert [mtpsl.source_draws(6, True, most) for most in (1, 2, 6, None)] == [1, 2, 5, 5]
+  assert mtpsl.source_draws(6, False, 1) == 5
   with pytest.raises(ValueError, match='max_labels must be >= 1'):
     mtpsl.MTPSL(tasks=names, input_channels=module.input_channels, max_labels=0)
 

@@ -58,7 +58,9 @@ makes the loss NaN (the train step skips a non-finite step and counts it), never
 a loss over fewer pairs. With `labelled=None` every pair is active and all
 T (T - 1) run. The Gumbel noise is drawn from `rng` unless given
 (`gumbel_noise`, for parity tests), per source task and target, so which slots
-run changes no draw.
+run changes no draw. A categorical prediction's input layer runs only on the
+draws of the pairs it is the source of (`source_draws`): one per image in
+one-label training, not T - 1.
 
 Parameters follow MTPSL's module paths with indices glued by '_'
 ('mapfns.conv_block_enc.2.1.bn.weight' -> conv_block_enc_2_1/bn/scale,
@@ -121,6 +123,20 @@ def pair_slots(num_tasks: int, partial: bool, max_labels: int | None = None) -> 
     return num_pairs(num_tasks)
   most = num_tasks if max_labels is None else min(max_labels, num_tasks)
   return max(kept * (num_tasks - kept) for kept in range(most + 1))
+
+
+def source_draws(num_tasks: int, partial: bool, max_labels: int | None = None) -> int:
+  """Gumbel draws of a categorical prediction that each image maps: one per active pair the
+  task is the source of, so at most one per other task, and at most `max_labels` when no
+  image keeps more labels (a pair's target is labelled)."""
+  if partial and max_labels is not None:
+    return max(1, min(max_labels, num_tasks - 1))
+  return num_tasks - 1
+
+
+def gather(x, index):
+  """x[b, index[b, k]] as [B, K, ...] from x [B, N, ...] and index [B, K]."""
+  return jnp.take_along_axis(x, index.reshape(index.shape + (1,) * (x.ndim - 2)), axis=1)
 
 
 def film_params(path) -> bool:
@@ -298,36 +314,48 @@ class MTPSL(nn.Module):
       x = nn.relu(norm(conv(x)))
       return x.reshape(lead + x.shape[1:])
 
-    sources = []  # [B, T-1, H, W, C0] per source task, slot j = pair s (T-1) + j
-    targets = []  # [B, H, W, C0] per target task
-    for index, (task, channels) in enumerate(zip(self.tasks, self.input_channels)):
-      prediction = jnp.asarray(view.predictions[task], dtype)
-      maps = self._source_maps(task, prediction, gumbel_noise.get(task))
-      x = input_layer(index, maps)
-      sources.append(jnp.broadcast_to(x, (batch, num_tasks - 1) + x.shape[2:]))
-      targets.append(input_layer(index, self._target_maps(task, view.labels[task], channels,
-                                                          dtype)))
-    source = jnp.concatenate(sources, axis=1)  # [B, P, H, W, C0], pair order
-    target = jnp.stack([targets[t] for _, t in pairs], axis=1)
-
+    pair_source = jnp.array([s for s, _ in pairs], jnp.int32)
+    pair_target = jnp.array([t for _, t in pairs], jnp.int32)
     if labelled is None:  # MTPSL's 'full': every pair of every image
       active = jnp.ones((batch, num_p), bool)
     else:
       kept = jnp.stack([jnp.asarray(labelled[task]).astype(bool) for task in self.tasks], axis=1)
-      source_index = jnp.array([s for s, _ in pairs])
-      target_index = jnp.array([t for _, t in pairs])
-      active = ~kept[:, source_index] & kept[:, target_index]  # [B, P]
+      active = ~kept[:, pair_source] & kept[:, pair_target]  # [B, P]
+    # A source task's prediction needs one draw per active pair it is in: its first `draws`
+    # active targets' draws (in target order) are the only ones mapped.
+    draws = source_draws(num_tasks, labelled is not None, self.max_labels)
+    by_source = active.reshape(batch, num_tasks, num_tasks - 1)  # [B, s, j]
+    drawn = jnp.argsort(~by_source, axis=2, stable=True)[..., :draws]  # [B, T, draws]: the j's
+    rank = jnp.clip(jnp.cumsum(by_source, axis=2) - 1, 0, draws - 1)  # [B, s, j]: its draw
+
+    sources = []  # [B, draws (categorical) or 1, H, W, C0] per source task
+    targets = []  # [B, H, W, C0] per target task
+    rows = []  # [B, T-1] per source task: its pairs' rows in the concatenated sources
+    for index, (task, channels) in enumerate(zip(self.tasks, self.input_channels)):
+      prediction = jnp.asarray(view.predictions[task], dtype)
+      offset = sum(x.shape[1] for x in sources)
+      noise = None
+      if input_kind(task) in (CATEGORICAL, BINARY):
+        noise = gather(gumbel_noise[task], drawn[:, index])
+        rows.append(offset + rank[:, index])
+      else:  # one map, whatever the target
+        rows.append(jnp.full_like(rank[:, index], offset))
+      sources.append(input_layer(index, self._source_maps(task, prediction, noise)))
+      targets.append(input_layer(index, self._target_maps(task, view.labels[task], channels,
+                                                          dtype)))
+    source = jnp.concatenate(sources, axis=1)  # [B, R, H, W, C0]
+    target = jnp.stack(targets, axis=1)  # [B, T, H, W, C0]
+    source_row = jnp.concatenate(rows, axis=1)  # [B, P], pair order
+
     # Each image's active pairs first, in pair order, then inactive ones to fill its slots.
     slots = pair_slots(num_tasks, labelled is not None, self.max_labels)
     overflow = jnp.any(jnp.sum(active, axis=1) > slots)  # more labels than max_labels
     pair = jnp.argsort(~active, axis=1, stable=True)[:, :slots].astype(jnp.int32)  # [B, K]
     active = jnp.take_along_axis(active, pair, axis=1)
 
-    def chosen(x):  # [B, P, ...] -> the slots' [B, K, ...]
-      return jnp.take_along_axis(x, pair.reshape(pair.shape + (1,) * (x.ndim - 2)), axis=1)
-
     # The shared, pair-conditioned encoder on all B * 2 * K inputs at once; BN per input.
-    x = jnp.stack([chosen(source), chosen(target)], axis=1)  # [B, 2, K, H, W, C0]
+    x = jnp.stack([gather(source, jnp.take_along_axis(source_row, pair, axis=1)),
+                   gather(target, pair_target[pair])], axis=1)  # [B, 2, K, H, W, C0]
     x = x.reshape((batch * 2 * slots,) + x.shape[3:])
     codes = jnp.broadcast_to(pair[:, None], (batch, 2, slots)).reshape(-1)
     for stage, features in enumerate(self.widths):
