@@ -198,8 +198,9 @@ def test_one_label_batches_run_the_fewer_slots_with_the_same_loss(golden):
   """`max_labels=1` (one-label training) runs T-1 slots per image, and maps one Gumbel draw
   of each categorical prediction rather than T-1, with the loss and the gradients of the
   floor(T^2/4) slots and all draws (x64: the same terms, summed over other zeros); an
-  image with more active pairs than slots makes the loss NaN (its gradient stays finite:
-  the train step rejects the step by its loss) rather than drop its pairs."""
+  image with more labels than that makes the loss NaN (its gradient stays finite: the train
+  step rejects the step by its loss) rather than drop its pairs or reuse a draw, also when
+  its pairs would fit the slots."""
   names, _, _, (batch, _, _), _ = golden_lib.CASES['nyu']
   num_tasks = len(names)
   assert [mtpsl.pair_slots(6, True, most) for most in (1, 2, 3, 6, None)] == [5, 8, 9, 9, 9]
@@ -215,18 +216,24 @@ def test_one_label_batches_run_the_fewer_slots_with_the_same_loss(golden):
       return mod.apply({'params': p}, (None, view), labelled, None, gumbel_noise=noise)[0]
 
     grad = jax.jit(jax.value_and_grad(loss_fn, argnums=(2, 3)), static_argnums=0)
-    want, got = grad(module, one_label, params, predictions), grad(fewer, one_label, params,
-                                                                    predictions)
-    np.testing.assert_allclose(got[0], want[0], rtol=1e-12)
-    # Gradients to 1e-12 of the largest entry: float64 sums of ~10^3 terms in another order
-    # are ~1e-13 apart, and the conv biases' exact gradient, 0, is computed as 1e-16 noise.
-    scale = max(np.max(np.abs(g)) for g in jax.tree.leaves(want[1]))
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=1e-12 * scale),
-                 got[1], want[1])
-    assert np.isfinite(want[0]) and want[0] > 0
-    over_loss, over_grads = grad(fewer, two_labels, params, predictions)  # image 1 keeps 2
-    assert np.isnan(over_loss)
-    assert all(np.isfinite(g).all() for g in jax.tree.leaves(over_grads))
+    # max_labels 2 (a derived label): image 1 keeps 2, so 2 draws of semseg and 4 slots.
+    for bounded, labelled in ((fewer, one_label), (module.clone(max_labels=2), two_labels)):
+      want = grad(module, labelled, params, predictions)
+      got = grad(bounded, labelled, params, predictions)
+      np.testing.assert_allclose(got[0], want[0], rtol=1e-12)
+      # Gradients to 1e-12 of the largest entry: float64 sums of ~10^3 terms in another
+      # order are ~1e-13 apart, and the conv biases' exact gradient, 0, is 1e-16 noise.
+      scale = max(np.max(np.abs(g)) for g in jax.tree.leaves(want[1]))
+      jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=1e-12 * scale),
+                   got[1], want[1])
+      assert np.isfinite(want[0]) and want[0] > 0
+    # Image 1 keeps 2 (4 pairs, 3 slots); image 0 keeps 3 (3 pairs fit 3 slots, but semseg
+    # would need 3 draws).
+    three_labels = {t: jnp.asarray([t != 'semseg', t == 'normals']) for t in names}
+    for labelled in (two_labels, three_labels):
+      over_loss, over_grads = grad(fewer, labelled, params, predictions)
+      assert np.isnan(over_loss)
+      assert all(np.isfinite(g).all() for g in jax.tree.leaves(over_grads))
     inputs = {}
     for mod in (module, fewer):
       _, state = jax.eval_shape(functools.partial(

@@ -53,14 +53,15 @@ which are masked out: B * 2 * floor(T^2 / 4) network inputs in one batch, 9
 rather than 30 pairs with six tasks (`pair_slots`). When no image keeps more
 than `max_labels` labels (one-label training: 1), the slots shrink to the most
 active pairs such an image has, T - 1 for one label: MTPSL's own cost, which
-runs an image's active pairs only. An image with more active pairs than slots
-makes the loss NaN (the train step skips a non-finite step and counts it), never
-a loss over fewer pairs. With `labelled=None` every pair is active and all
-T (T - 1) run. The Gumbel noise is drawn from `rng` unless given
+runs an image's active pairs only. With `labelled=None` every pair is active and
+all T (T - 1) run. The Gumbel noise is drawn from `rng` unless given
 (`gumbel_noise`, for parity tests), per source task and target, so which slots
-run changes no draw. A categorical prediction's input layer runs only on the
-draws of the pairs it is the source of (`source_draws`): one per image in
-one-label training, not T - 1.
+run changes no draw. A categorical prediction goes through its input layer once
+per pair it can be the source of in an image (`source_draws`): T - 1 times, or
+`max_labels` times (the pairs' targets are labelled), so once in one-label
+training. An image with more than `max_labels` labels makes the loss NaN (the
+train step skips a non-finite step and counts it), never a loss over fewer
+pairs or reused draws.
 
 Parameters follow MTPSL's module paths with indices glued by '_'
 ('mapfns.conv_block_enc.2.1.bn.weight' -> conv_block_enc_2_1/bn/scale,
@@ -130,11 +131,11 @@ def source_draws(num_tasks: int, partial: bool, max_labels: int | None = None) -
   task is the source of, so at most one per other task, and at most `max_labels` when no
   image keeps more labels (a pair's target is labelled)."""
   if partial and max_labels is not None:
-    return max(1, min(max_labels, num_tasks - 1))
+    return min(max_labels, num_tasks - 1)
   return num_tasks - 1
 
 
-def gather(x, index):
+def take_per_image(x, index):
   """x[b, index[b, k]] as [B, K, ...] from x [B, N, ...] and index [B, K]."""
   return jnp.take_along_axis(x, index.reshape(index.shape + (1,) * (x.ndim - 2)), axis=1)
 
@@ -225,7 +226,8 @@ class MTPSL(nn.Module):
             if input_kind(task) in (CATEGORICAL, BINARY)}
 
   def _source_maps(self, task: str, prediction, noise):
-    """[B, n, H, W, C] maps of a prediction, n = T-1 draws for a categorical task, else 1."""
+    """[B, n, H, W, C] maps of a prediction: one per draw in `noise` [B, n, H, W, C] for a
+    categorical task, else n = 1."""
     kind = input_kind(task)
     if kind in (CATEGORICAL, BINARY):
       logits = prediction
@@ -280,8 +282,7 @@ class MTPSL(nn.Module):
 
     Returns:
       loss: sum over images and their active pairs of the pair loss, over B; NaN when
-        an image has more active pairs than slots (only possible with more than
-        `max_labels` labels).
+        an image keeps more than `max_labels` labels.
       diagnostics: float32 scalars 'pairs' (active pairs per image), 'consistency'
         (mean 1 - cos(map_s, map_t) over active pairs) and 'regularization' (mean
         of (1 - cos(map_s, f)) + (1 - cos(map_t, f)) over them).
@@ -316,11 +317,14 @@ class MTPSL(nn.Module):
 
     pair_source = jnp.array([s for s, _ in pairs], jnp.int32)
     pair_target = jnp.array([t for _, t in pairs], jnp.int32)
+    overflow = False  # an image over `max_labels`: too few slots and draws for its pairs
     if labelled is None:  # MTPSL's 'full': every pair of every image
       active = jnp.ones((batch, num_p), bool)
     else:
       kept = jnp.stack([jnp.asarray(labelled[task]).astype(bool) for task in self.tasks], axis=1)
       active = ~kept[:, pair_source] & kept[:, pair_target]  # [B, P]
+      if self.max_labels is not None:
+        overflow = jnp.any(jnp.sum(kept, axis=1) > self.max_labels)
     # A source task's prediction needs one draw per active pair it is in: its first `draws`
     # active targets' draws (in target order) are the only ones mapped.
     draws = source_draws(num_tasks, labelled is not None, self.max_labels)
@@ -333,10 +337,10 @@ class MTPSL(nn.Module):
     rows = []  # [B, T-1] per source task: its pairs' rows in the concatenated sources
     for index, (task, channels) in enumerate(zip(self.tasks, self.input_channels)):
       prediction = jnp.asarray(view.predictions[task], dtype)
-      offset = sum(x.shape[1] for x in sources)
+      offset = sum(rows_of_task.shape[1] for rows_of_task in sources)
       noise = None
       if input_kind(task) in (CATEGORICAL, BINARY):
-        noise = gather(gumbel_noise[task], drawn[:, index])
+        noise = take_per_image(gumbel_noise[task], drawn[:, index])
         rows.append(offset + rank[:, index])
       else:  # one map, whatever the target
         rows.append(jnp.full_like(rank[:, index], offset))
@@ -349,13 +353,12 @@ class MTPSL(nn.Module):
 
     # Each image's active pairs first, in pair order, then inactive ones to fill its slots.
     slots = pair_slots(num_tasks, labelled is not None, self.max_labels)
-    overflow = jnp.any(jnp.sum(active, axis=1) > slots)  # more labels than max_labels
     pair = jnp.argsort(~active, axis=1, stable=True)[:, :slots].astype(jnp.int32)  # [B, K]
     active = jnp.take_along_axis(active, pair, axis=1)
 
     # The shared, pair-conditioned encoder on all B * 2 * K inputs at once; BN per input.
-    x = jnp.stack([gather(source, jnp.take_along_axis(source_row, pair, axis=1)),
-                   gather(target, pair_target[pair])], axis=1)  # [B, 2, K, H, W, C0]
+    x = jnp.stack([take_per_image(source, jnp.take_along_axis(source_row, pair, axis=1)),
+                   take_per_image(target, pair_target[pair])], axis=1)  # [B, 2, K, H, W, C0]
     x = x.reshape((batch * 2 * slots,) + x.shape[3:])
     codes = jnp.broadcast_to(pair[:, None], (batch, 2, slots)).reshape(-1)
     for stage, features in enumerate(self.widths):
