@@ -337,7 +337,7 @@ class MTPSL(nn.Module):
     rows = []  # [B, T-1] per source task: its pairs' rows in the concatenated sources
     for index, (task, channels) in enumerate(zip(self.tasks, self.input_channels)):
       prediction = jnp.asarray(view.predictions[task], dtype)
-      offset = sum(rows_of_task.shape[1] for rows_of_task in sources)
+      offset = sum(mapped.shape[1] for mapped in sources)  # rows before this task
       noise = None
       if input_kind(task) in (CATEGORICAL, BINARY):
         noise = take_per_image(gumbel_noise[task], drawn[:, index])
