@@ -35,6 +35,12 @@ from cmtdp_jax.evaluation import scoring
 from cmtdp_jax.evaluation import visualize
 from cmtdp_jax.models import convert
 
+# Steps the host may dispatch ahead of the device. A SIGTERM is seen at the next dispatch and
+# saved once the queued steps have run; uncapped, the queue held ~32 multi-second steps and a
+# save came minutes late, past a cloud preemption's grace period. Two still leave a step
+# queued on the device while the host prepares the next.
+MAX_STEPS_IN_FLIGHT = 2
+
 
 class _Preemption:
   """Tells the loop to checkpoint and stop at the next step boundary.
@@ -162,6 +168,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
         state, metrics = train_step(state, batch)
         call_seconds = time.time() - call_start
         pending.append(metrics)
+        if len(pending) > MAX_STEPS_IN_FLIGHT:
+          jax.block_until_ready(pending[-MAX_STEPS_IN_FLIGHT - 1])
         is_log_step = step % config.log_every == 0 or step == config.num_steps
         if step == start_step + 1 and not is_log_step:
           # Once per run, so the first line comes now rather than `log_every` steps later.

@@ -10,11 +10,13 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.experimental import io_callback
 
 from cmtdp_jax import checkpointing, config_lib, steps, train
 from cmtdp_jax import workdir as workdir_lib
@@ -209,6 +211,44 @@ def test_changed_config_is_logged_kept_and_refused_when_meaningless(diverged, ca
   with pytest.raises(ValueError, match=r'config.batch_size changed'):
     train.train_and_evaluate(diverging_config(config.data.data_dir, batch_size=16), workdir)
   assert not glob.glob(os.path.join(workdir, 'config.*.json'))
+
+
+def test_a_sigterm_is_saved_behind_at_most_two_queued_steps(data_dir, tmp_path, monkeypatch):
+  """Each step's metrics pass through a 0.1 s host callback, so the device lags the host's
+  dispatch. At every dispatch, at most `MAX_STEPS_IN_FLIGHT` earlier steps may be unfinished:
+  those are what a SIGTERM's save waits behind. (Uncapped, the study's run queued ~32.)"""
+  assert train.MAX_STEPS_IN_FLIGHT == 2
+
+  def sleep(x):
+    time.sleep(0.1)
+    return x
+
+  slow = jax.jit(lambda x: io_callback(sleep, jax.ShapeDtypeStruct(x.shape, x.dtype), x))
+  setup, unfinished, outputs = train._setup, [], []  # pylint: disable=protected-access
+
+  def slowed_setup(config, mesh=None):
+    mesh, built = setup(config, mesh)
+
+    def train_step(state, batch):
+      unfinished.append(sum(not x.is_ready() for x in outputs))
+      if len(outputs) == 7:
+        os.kill(os.getpid(), signal.SIGTERM)  # the loop sees it at this step, the 8th
+      state, metrics = built.train_step(state, batch)
+      outputs.append(slow(metrics['grad_norm']))
+      return state, dict(metrics, grad_norm=outputs[-1])
+
+    return mesh, built._replace(train_step=train_step)
+
+  monkeypatch.setattr(train, '_setup', slowed_setup)
+  config = tiny_config(data_dir, **{'tasks': ('depth',), 'num_steps': 20, 'log_every': 100,
+                                    'checkpoint_every': 100})
+  handler = signal.getsignal(signal.SIGTERM)
+  try:
+    assert train.train_and_evaluate(config, str(tmp_path)) == {}  # stopped: no final eval
+  finally:
+    signal.signal(signal.SIGTERM, handler)
+  assert os.listdir(tmp_path / 'checkpoints') == ['8']
+  assert len(unfinished) == 8 and max(unfinished) <= train.MAX_STEPS_IN_FLIGHT, unfinished
 
 
 def test_config_change_is_checked_against_the_run_of_the_checkpoint_resumed(diverged, tmp_path):
