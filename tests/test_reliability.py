@@ -214,13 +214,13 @@ def test_changed_config_is_logged_kept_and_refused_when_meaningless(diverged, ca
 
 
 def test_a_sigterm_is_saved_behind_at_most_two_queued_steps(data_dir, tmp_path, monkeypatch):
-  """Each step's metrics pass through a 0.1 s host callback, so the device lags the host's
+  """Each step's metrics pass through a 0.2 s host callback, so the device lags the host's
   dispatch. At every dispatch, at most `MAX_STEPS_IN_FLIGHT` earlier steps may be unfinished:
   those are what a SIGTERM's save waits behind. (Uncapped, the study's run queued ~32.)"""
   assert train.MAX_STEPS_IN_FLIGHT == 2
 
   def sleep(x):
-    time.sleep(0.1)
+    time.sleep(0.2)
     return x
 
   slow = jax.jit(lambda x: io_callback(sleep, jax.ShapeDtypeStruct(x.shape, x.dtype), x))
