@@ -1,6 +1,7 @@
 """What a run does when things go wrong: divergence, damaged checkpoints, a busy
 workdir, a changed config, a missing checkpoint (the README's "Failure behaviour")."""
 
+import contextlib
 import glob
 import json
 import logging
@@ -112,6 +113,16 @@ def test_nonfinite_checkpoint_is_refused_in_one_line(tmp_path):
   checkpointer.close()
 
 
+@contextlib.contextmanager
+def sigterm_handler_kept():
+  """A run installs its preemption handler; the tests after it get pytest's back."""
+  handler = signal.getsignal(signal.SIGTERM)
+  try:
+    yield
+  finally:
+    signal.signal(signal.SIGTERM, handler)
+
+
 def diverging_config(data_dir, **overrides):
   return tiny_config(data_dir, **{'tasks': ('depth',), 'optim.lr': 1e30,
                                   'max_nonfinite_streak': 2, 'num_steps': 4,
@@ -129,12 +140,8 @@ def diverged(tmp_path_factory, data_dir):
   loss and gradient; every update is rejected, the run stops at the streak limit."""
   workdir = str(tmp_path_factory.mktemp('diverged'))
   config = diverging_config(data_dir)
-  handler = signal.getsignal(signal.SIGTERM)
-  try:
-    with pytest.raises(FloatingPointError) as error:
-      train.train_and_evaluate(config, workdir)
-  finally:
-    signal.signal(signal.SIGTERM, handler)  # the run installs its preemption handler
+  with pytest.raises(FloatingPointError) as error, sigterm_handler_kept():
+    train.train_and_evaluate(config, workdir)
   return config, workdir, str(error.value)
 
 
@@ -243,11 +250,8 @@ def test_a_sigterm_is_saved_behind_at_most_two_queued_steps(data_dir, tmp_path, 
   monkeypatch.setattr(train, '_setup', slowed_setup)
   config = tiny_config(data_dir, **{'tasks': ('depth',), 'num_steps': 20, 'log_every': 100,
                                     'checkpoint_every': 100})
-  handler = signal.getsignal(signal.SIGTERM)
-  try:
+  with sigterm_handler_kept():
     assert train.train_and_evaluate(config, str(tmp_path)) == {}  # stopped: no final eval
-  finally:
-    signal.signal(signal.SIGTERM, handler)
   assert os.listdir(tmp_path / 'checkpoints') == ['8']
   assert len(unfinished) == 8 and max(unfinished) <= train.MAX_STEPS_IN_FLIGHT, unfinished
 
