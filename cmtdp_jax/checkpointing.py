@@ -267,13 +267,26 @@ python_logging.getLogger('absl').addFilter(_DropOrbaxNotices())
 
 
 class _DropOrbaxWriteTasks(python_logging.Filter):
-  """When a save fails, asyncio also reports each of Orbax's other write tasks that failed
-  with it ("Task exception was never retrieved", with a traceback), sometimes after our
-  one line: Orbax raises the failure itself, so they say nothing new."""
+  """When a save fails, asyncio also reports each of Orbax's other write tasks and futures
+  that failed with it ("Task exception was never retrieved", or "Future" or
+  "_GatheringFuture", with a traceback), sometimes after our one line: Orbax raises the
+  failure itself, so they say nothing new. Others' reports are kept."""
 
   def filter(self, record):
     message = record.getMessage()
-    return not ('Task exception was never retrieved' in message and 'orbax' in message)
+    if 'exception was never retrieved' not in message:
+      return True
+    return not ('orbax' in message or _raised_in_orbax(record.exc_info))
+
+
+def _raised_in_orbax(exc_info) -> bool:
+  error = exc_info[1] if exc_info else None
+  traceback = error.__traceback__ if isinstance(error, BaseException) else None
+  while traceback is not None:
+    if f'{os.sep}orbax{os.sep}' in traceback.tb_frame.f_code.co_filename:
+      return True
+    traceback = traceback.tb_next
+  return False
 
 
 python_logging.getLogger('asyncio').addFilter(_DropOrbaxWriteTasks())
