@@ -1,16 +1,31 @@
 """Shared test setup: quiet TF, simulated 8-device CPU mesh, tiny configs."""
 
+import importlib.metadata
 import os
+import re
 import shutil
 import tempfile
 
+REQUIREMENTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                            'requirements.txt')
+
+
+def xla_flags_for_tests(jaxlib_version: str, requirements: str) -> str:
+  """The tests' models are tiny: LLVM's optimisations cost far more compile time than they
+  save at run time (model init compiled 5x faster), and so do XLA:CPU's fusion emitters (the
+  JTR CLI test's run: 0.77x the CPU time without them, docs/tests.md). XLA aborts on a flag
+  it does not know, so the emitters' flag is set only under the pinned jaxlib."""
+  flags = ['--xla_backend_optimization_level=0']
+  if re.search(rf'^jaxlib=={re.escape(jaxlib_version)}\s', requirements, re.MULTILINE):
+    flags.append('--xla_cpu_use_fusion_emitters=false')
+  return ' '.join(flags)
+
+
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 os.environ.setdefault('JAX_NUM_CPU_DEVICES', '8')
-# The tests' models are tiny: LLVM's optimisations cost far more compile time
-# than they save at run time (model init compiled 5x faster here), and so do XLA:CPU's
-# newer fusion emitters (a JTR train step compiled in about 25% less time without them).
-os.environ.setdefault('XLA_FLAGS', '--xla_backend_optimization_level=0 '
-                      '--xla_cpu_use_fusion_emitters=false')
+with open(REQUIREMENTS) as _requirements:
+  os.environ.setdefault('XLA_FLAGS', xla_flags_for_tests(importlib.metadata.version('jaxlib'),
+                                                         _requirements.read()))
 
 import pytest  # noqa: E402
 

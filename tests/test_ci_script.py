@@ -7,9 +7,12 @@ fake `python` first on PATH, so nothing is installed and no test suite runs insi
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
+
+from tests import conftest
 
 ROOT = Path(__file__).resolve().parents[1]
 BASH = shutil.which("bash") or "/bin/bash"
@@ -59,3 +62,14 @@ def test_readme_gives_the_command_ci_runs():
   assert command.startswith("JAX_NUM_CPU_DEVICES=8 python -m pytest tests")
   for page in ("README.md", "docs/tests.md"):
     assert (ROOT / page).read_text().count(f"```bash\n{command}\n```") == 1, page
+
+
+def test_the_fusion_emitters_flag_is_set_only_under_the_pinned_jaxlib():
+  """XLA aborts every test on a flag its build does not know: another jaxlib gets only
+  the optimisation level."""
+  requirements = (ROOT / "requirements.txt").read_text()
+  pinned = re.search(r"^jaxlib==(\S+)", requirements, re.MULTILINE).group(1)
+  assert conftest.xla_flags_for_tests(pinned, requirements) == (
+      "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false")
+  assert conftest.xla_flags_for_tests(pinned + "1", requirements) == (
+      "--xla_backend_optimization_level=0")
