@@ -1,4 +1,5 @@
-"""`.ci/run` leaves no virtualenv behind, unless CMTDP_CI_VENV asks to keep one.
+"""`.ci/run` leaves no virtualenv behind, unless CMTDP_CI_VENV asks to keep one; the XLA flags
+the suite runs under (tests/conftest.py) suit the installed jaxlib.
 
 The script runs against a fake `python3` whose `-m venv DIR` writes an `activate` that puts a
 fake `python` first on PATH, so nothing is installed and no test suite runs inside the test.
