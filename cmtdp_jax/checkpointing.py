@@ -270,18 +270,19 @@ class _DropOrbaxWriteTasks(python_logging.Filter):
   """When a save fails, asyncio also reports each of Orbax's other write tasks and futures
   that failed with it ("Task exception was never retrieved", or "Future" or
   "_GatheringFuture", with a traceback), sometimes after our one line: Orbax raises the
-  failure itself, so they say nothing new. Others' reports are kept."""
+  failure itself, so they say nothing new. Reports of errors that did not pass through
+  Orbax's code are kept."""
 
   def filter(self, record):
     message = record.getMessage()
     if 'exception was never retrieved' not in message:
       return True
-    return not ('orbax' in message or _raised_in_orbax(record.exc_info))
+    return not (f'{os.sep}orbax{os.sep}' in message or _raised_in_orbax(record.exc_info))
 
 
 def _raised_in_orbax(exc_info) -> bool:
-  error = exc_info[1] if exc_info else None
-  traceback = error.__traceback__ if isinstance(error, BaseException) else None
+  error = exc_info[1] if isinstance(exc_info, tuple) and len(exc_info) == 3 else None
+  traceback = getattr(error, '__traceback__', None)
   while traceback is not None:
     if f'{os.sep}orbax{os.sep}' in traceback.tb_frame.f_code.co_filename:
       return True

@@ -16,7 +16,7 @@ def xla_flags_for_tests(jaxlib_version: str, requirements: str) -> str:
   JTR CLI test's run: 0.77x the CPU time without them, docs/tests.md). XLA aborts on a flag
   it does not know, so the emitters' flag is set only under the pinned jaxlib."""
   flags = ['--xla_backend_optimization_level=0']
-  if re.search(rf'^jaxlib=={re.escape(jaxlib_version)}\s', requirements, re.MULTILINE):
+  if re.search(rf'^jaxlib=={re.escape(jaxlib_version)}(?=\s|$)', requirements, re.MULTILINE):
     flags.append('--xla_cpu_use_fusion_emitters=false')
   return ' '.join(flags)
 

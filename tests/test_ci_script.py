@@ -74,3 +74,5 @@ def test_the_fusion_emitters_flag_is_set_only_under_the_pinned_jaxlib():
       "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false")
   assert conftest.xla_flags_for_tests(pinned + "1", requirements) == (
       "--xla_backend_optimization_level=0")
+  for line in (f"jaxlib=={pinned}  # a comment", f"jaxlib=={pinned}\r", f"jaxlib=={pinned}"):
+    assert "fusion_emitters" in conftest.xla_flags_for_tests(pinned, f"jax=={pinned}\n{line}")

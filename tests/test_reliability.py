@@ -356,15 +356,20 @@ def test_asyncio_reports_of_orbaxs_failed_writes_are_dropped(caplog, package, re
   after our one line. Those are dropped; anyone else's are kept. Seen in the tmpfs test
   below (2026-12-07): the filter knew only asyncio's "Task" reports."""
   error = _error_raised_in(os.path.join(os.sep, 'site-packages', package, 'checkpoint'))
+  gc.collect()  # earlier tests' garbage reports now, not among this test's records
+  caplog.clear()
   loop = asyncio.new_event_loop()
-  write = loop.create_future()
-  writes = asyncio.gather(write)
-  write.set_exception(error)
-  loop.run_until_complete(asyncio.sleep(0))  # the gather reads `write` and fails in turn
-  loop.close()
+  try:
+    write = loop.create_future()
+    writes = asyncio.gather(write)
+    write.set_exception(error)
+    loop.run_until_complete(asyncio.sleep(0))  # the gather reads `write` and fails in turn
+  finally:
+    loop.close()
   del write, writes
   gc.collect()
-  logged = [r.getMessage() for r in caplog.records if r.name == 'asyncio']
+  logged = [r.getMessage() for r in caplog.records
+            if r.name == 'asyncio' and r.exc_info and r.exc_info[1] is error]
   assert len(logged) == reports, logged
   assert all(m.startswith('_GatheringFuture exception was never retrieved') for m in logged)
 
