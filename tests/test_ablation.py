@@ -383,6 +383,25 @@ def test_split_metrics_score_each_task_on_kept_and_dropped_images(config):
   assert results['depth/rmse@dropped'] == pytest.approx(2.0)  # b
 
 
+def test_records_name_the_commit_the_study_started_at(tmp_path, monkeypatch, config):
+  """A commit that lands while the study trains (HEAD moves) is not the code its runs ran:
+  every record names the commit of the study's start. Before, each named HEAD at its end."""
+  head = ['1111111']
+  fake = _fake_training([])
+
+  def training_while_a_commit_lands(config, workdir):
+    head[0] = '2222222'
+    return fake(config, workdir)
+
+  monkeypatch.setattr(numerics, 'commit', lambda: head[0])
+  monkeypatch.setattr(running.train, 'train_and_evaluate', training_while_a_commit_lands)
+  monkeypatch.setattr(numerics, 'regularizer_share', lambda workdir: None)
+  running.run_study(config, str(tmp_path / 'w'), str(tmp_path / 'r'), [0.0, 1.0], [10], [0],
+                    [], [], False)
+  records = sorted((tmp_path / 'r' / FINGERPRINT['key']).glob('n10_*.json'))
+  assert [json.loads(r.read_text())['commit'] for r in records] == ['1111111', '1111111']
+
+
 def test_a_partial_label_run_records_its_kept_and_dropped_split(tmp_path, data_dir):
   """One real one_label run through the tool (tiny): it trains, evaluates, then scores the
   training images by whether each task's label was kept, with the mapping it wrote."""

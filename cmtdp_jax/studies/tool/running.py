@@ -63,8 +63,12 @@ class Interrupted(Exception):
 
 
 def train_run(config, workdir: str, results_dir: str, cell: design.Cell, seed: int,
-              fingerprint: dict, num_steps: int = 0) -> dict:
-  """Trains one run under `fingerprint` (resuming its checkpoint) and writes its record."""
+              fingerprint: dict, num_steps: int = 0, code_commit: str = '') -> dict:
+  """Trains one run under `fingerprint` (resuming its checkpoint) and writes its record.
+
+  `code_commit`: the commit whose code this process loaded (default: HEAD now, before
+  training). HEAD can move while a run trains; the record names the code that ran."""
+  code_commit = code_commit or numerics.commit()
   key = fingerprint['key']
   name = f'{cell.name}_seed{seed}'
   run_config = design.cell_config(config, cell.train_size, cell.weight, cell.extra, seed, cell.regime,
@@ -83,7 +87,7 @@ def train_run(config, workdir: str, results_dir: str, cell: design.Cell, seed: i
             'regularizer_share': None if share is None else cell.weight * share,
             'wall_seconds': round(time.time() - start, 1),
             'machine': f'{platform.node()} {platform.machine()} {os.cpu_count()} cores',
-            'commit': numerics.commit(), 'fingerprint': fingerprint,
+            'commit': code_commit, 'fingerprint': fingerprint,
             'first_step_losses': numerics.first_step_losses(run_dir),
             'run_dir': os.path.join(key, name),
             'finished': datetime.datetime.now(datetime.timezone.utc).isoformat(
@@ -114,6 +118,7 @@ class Study:
       self.found.setdefault((summarize.record_cell(record), record['seed']), []).append(record)
     self.used = {}  # Cell -> {(seed, key): record}: the cells this design asked for
     self._fingerprint = None
+    self.code_commit = numerics.commit()  # before any run: the code this process loaded
 
   def fingerprint(self) -> dict:
     """The current numerics; measured once, when the first run must train."""
@@ -128,7 +133,8 @@ class Study:
 
   def _train(self, cell, seed) -> None:
     record = train_run(self.config, self.workdir, self.results_dir, cell, seed,
-                       self.fingerprint(), self.pilot_steps if cell.pilot else 0)
+                       self.fingerprint(), self.pilot_steps if cell.pilot else 0,
+                       self.code_commit)
     self.found.setdefault((cell, seed), []).append(record)
 
   def run(self, cell: design.Cell, seed: int) -> None:
