@@ -531,3 +531,33 @@ def test_committed_comparison_table_is_the_tools_output(tmp_path, monkeypatch):
     committed = section(f.read())
   assert 'n1000_one_label_w0' in committed
   assert section((tmp_path / COMPARISON / 'README.md').read_text()) == committed
+
+
+def test_endpoints_are_bonferroni_over_the_designed_methods_and_the_control_at_95():
+  """A difference whose 95% interval excludes 0 but whose 98.3% one does not is shown for the
+  control and not for a method among 3; the dropped-label tasks are Bonferroni over the tasks
+  (2 here: 97.5%); references and our regularizer's extras have no endpoint."""
+  t95, t975 = stats.t.ppf(0.975, 3), stats.t.ppf(1 - 0.025 / 2, 3)
+  between = (t95 + t975) / 2  # mean / se: shown at 95%, not at 97.5% (nor at 98.3%)
+  def difference(ratio):
+    return {'n': 4, 'mean': ratio * 0.5, 'se': 0.5, 'low': None, 'high': None}
+  split = {'semseg/mIoU@dropped': {'difference': difference(between)},
+           'depth/rmse@dropped': {'difference': difference(5.0)}}
+  def cell(weight, extra='', regime='one_label'):
+    return {'train_size': 1000, 'weight': weight, 'extra': extra, 'regime': regime,
+            'pilot': False, 'split': split,
+            'delta_m': None if weight == 0 else difference(between)}
+  summaries = {'none': cell(0.0), 'ours': cell(1.0), 'jtr': cell(1.0, 'jtr'),
+               'control': cell(1.0, 'control'), 'hard': cell(1.0, 'hard')}
+  rows = {line.split(' | ')[0][2:]: line.split(' | ')
+          for line in summarize.endpoint_table(summaries, TASKS, methods=3).splitlines()[2:]}
+  assert sorted(rows) == ['control', 'jtr', 'ours']
+  half = stats.t.ppf(1 - 0.05 / 6, 3) * 0.5
+  mean = between * 0.5
+  assert rows['ours'][3:7] == [f'{mean:+.2f} [{mean - half:+.2f}, {mean + half:+.2f}]',
+                               '98.3%', f'{half:.2f}', 'no']
+  assert rows['jtr'][6] == 'no'
+  assert rows['control'][4:7] == ['95.0%', f'{t95 * 0.5:.2f}', 'yes']
+  assert rows['ours'][7].startswith('depth/rmse +2.50 [') and 'semseg' not in rows['ours'][7]
+  alone = summarize.endpoint_table({'ours': cell(1.0)}, TASKS, methods=1)
+  assert alone.splitlines()[2].split(' | ')[4:7] == ['95.0%', f'{t95 * 0.5:.2f}', 'yes']

@@ -43,6 +43,22 @@ CONTROL_ARM = 'control'
 ARMS = (*REGULARIZER_ARMS, CONTROL_ARM)
 
 
+# The roles of a comparison's cells in its pre-registered endpoints (summarize.endpoint_table):
+# our regularizer at a weight > 0 and the regularizer arms are the methods compared with each
+# other (one Bonferroni family per regime); the control shows what size of effect the testbed
+# resolves.
+METHOD = 'method'
+
+
+def endpoint_role(cell: 'Cell') -> str | None:
+  """METHOD, CONTROL_ARM, or None (a reference, a pilot, or an extra of our regularizer)."""
+  if cell.pilot or cell.weight <= 0:
+    return None
+  if cell.extra == CONTROL_ARM:
+    return CONTROL_ARM
+  return METHOD if cell.extra in ('', *REGULARIZER_ARMS) else None
+
+
 def parse_arms(values) -> list[tuple[str, float]]:
   """`--arms` entries 'name:weight' as (name, weight)."""
   arms = []

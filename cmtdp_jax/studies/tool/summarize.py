@@ -3,7 +3,8 @@ primary metric over its seeds, the latest record of each seed; delta_m against l
 paired 95% confidence interval over the seeds whose records share a fingerprint, and which seeds
 were dropped for not sharing one; the regularizer's loss share; for the partial-label regimes,
 every task's primary metric on the training images split by whether the task's own label was
-kept or dropped on the image, and its paired difference to lambda 0), `delta_m.png`,
+kept or dropped on the image, and its paired difference to lambda 0; with `--arms`, the
+comparison's endpoints at their Bonferroni levels, `endpoint_table`), `delta_m.png`,
 `split.png` (the partial regimes' differences by kept/dropped label), and the same files into
 `results_dir`. `--analyze` also measures the paper's Figure 1 premise on seed 0
 of the lambda-0 and the best-lambda model of the largest training set, side by side in
@@ -50,6 +51,11 @@ def latest(records: list[dict]) -> dict:
   return max(records, key=lambda r: ('fingerprint' in r, r.get('finished', '')))
 
 
+def _half_width(n: int, se: float, confidence: float) -> float:
+  """Half the two-sided t-interval at `confidence` of a mean over n paired differences."""
+  return float(scipy_stats.t.ppf(0.5 + confidence / 2, n - 1) * se)
+
+
 def _t_interval(values) -> dict:
   """Mean and 95% t-interval of paired differences."""
   if not values:
@@ -58,7 +64,7 @@ def _t_interval(values) -> dict:
   if len(values) < 2:
     return {'n': 1, 'mean': mean, 'low': None, 'high': None, 'se': None}
   se = float(np.std(values, ddof=1) / np.sqrt(len(values)))
-  half = float(scipy_stats.t.ppf(0.975, len(values) - 1) * se)
+  half = _half_width(len(values), se, 0.95)
   return {'n': len(values), 'mean': mean, 'low': mean - half, 'high': mean + half, 'se': se}
 
 
@@ -193,6 +199,49 @@ def split_table(summaries: dict, tasks) -> str:
     return ''
   return '\n'.join(['| cell | metric | label kept | label dropped | vs λ 0, kept (95% CI) | '
                     'vs λ 0, dropped (95% CI) |', '|---|---|---|---|---|---|'] + rows)
+
+
+def endpoint_table(summaries: dict, tasks, methods: int) -> str:
+  """A comparison's pre-registered endpoints (design.endpoint_role), per cell:
+  - a method's delta_m against lambda 0, Bonferroni over the `methods` the design compares in
+    each regime (level 1 - 0.05 / methods, whether or not all of them have records yet); the
+    control's at 95%;
+  - the tasks whose difference on the training images with their label dropped excludes 0,
+    Bonferroni over the tasks (level 1 - 0.05 / tasks).
+  An effect is shown when its interval excludes 0; the half-width is the smallest effect the
+  cell's seeds could show at that level."""
+  roles = {name: design.endpoint_role(design.Cell(s['train_size'], s['weight'], s['extra'],
+                                                  s['regime'], s['pilot']))
+           for name, s in summaries.items()}
+  keys = [evaluation.PRIMARY_METRICS[t] for t in tasks if t in evaluation.PRIMARY_METRICS]
+  task_level = 1.0 - 0.05 / len(keys)
+  rows = []
+  for name, s in summaries.items():
+    d = s['delta_m']
+    if roles[name] is None or d is None:
+      continue
+    level = 1.0 - 0.05 / methods if roles[name] == design.METHOD else 0.95
+    if d['se'] is None:
+      interval, width, verdict = _interval_text(d), '-', 'too few seeds'
+    else:
+      half = _half_width(d['n'], d['se'], level)
+      interval = _interval_text(dict(d, low=d['mean'] - half, high=d['mean'] + half))
+      width, verdict = f'{half:.2f}', 'yes' if abs(d['mean']) > half else 'no'
+    shown = []
+    for key in keys:
+      p = ((s.get('split') or {}).get(f'{key}@dropped') or {}).get('difference')
+      if p and p['se'] is not None:
+        task_half = _half_width(p['n'], p['se'], task_level)
+        if abs(p['mean']) > task_half:
+          shown.append(f'{key} {p["mean"]:+.2f} [{p["mean"] - task_half:+.2f}, '
+                       f'{p["mean"] + task_half:+.2f}]')
+    rows.append(f'| {name} | {roles[name]} | {d["n"]} | {interval} | {level:.1%} | {width} | '
+                f'{verdict} | {"; ".join(shown) or "none"} |')
+  if not rows:
+    return ''
+  return '\n'.join([f'| cell | role | seeds paired | delta_m % (interval) | level | half-width | '
+                    f'shown | dropped-label differences shown ({task_level:.1%}) |',
+                    '|---|---|---|---|---|---|---|---|'] + rows)
 
 
 def dropped_lines(summaries: dict) -> list[str]:
