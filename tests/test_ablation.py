@@ -535,29 +535,44 @@ def test_committed_comparison_table_is_the_tools_output(tmp_path, monkeypatch):
 
 def test_endpoints_are_bonferroni_over_the_designed_methods_and_the_control_at_95():
   """A difference whose 95% interval excludes 0 but whose 98.3% one does not is shown for the
-  control and not for a method among 3; the dropped-label tasks are Bonferroni over the tasks
-  (2 here: 97.5%); references and our regularizer's extras have no endpoint."""
+  control and not for a method among 3; a method's dropped-label tasks are Bonferroni over
+  the tasks (3 here: 98.3%), the control's filled task is at 95%; references and our
+  regularizer's extras have no endpoint."""
   t95, t975 = stats.t.ppf(0.975, 3), stats.t.ppf(1 - 0.025 / 2, 3)
   between = (t95 + t975) / 2  # mean / se: shown at 95%, not at 97.5% (nor at 98.3%)
-  def difference(ratio):
-    return {'n': 4, 'mean': ratio * 0.5, 'se': 0.5, 'low': None, 'high': None}
+  def difference(ratio, n=4):
+    return {'n': n, 'mean': ratio * 0.5, 'se': 0.5 if n > 1 else None, 'low': None,
+            'high': None}
   split = {'semseg/mIoU@dropped': {'difference': difference(between)},
-           'depth/rmse@dropped': {'difference': difference(5.0)}}
-  def cell(weight, extra='', regime='one_label'):
-    return {'train_size': 1000, 'weight': weight, 'extra': extra, 'regime': regime,
-            'pilot': False, 'split': split,
-            'delta_m': None if weight == 0 else difference(between)}
+           'depth/rmse@dropped': {'difference': difference(5.0)},
+           'sal/maxF@dropped': {'difference': difference(between)}}
+  def cell(weight, extra='', delta_m=difference(between)):
+    return {'train_size': 1000, 'weight': weight, 'extra': extra, 'regime': 'one_label',
+            'pilot': False, 'split': split, 'delta_m': None if weight == 0 else delta_m}
   summaries = {'none': cell(0.0), 'ours': cell(1.0), 'jtr': cell(1.0, 'jtr'),
-               'control': cell(1.0, 'control'), 'hard': cell(1.0, 'hard')}
-  rows = {line.split(' | ')[0][2:]: line.split(' | ')
-          for line in summarize.endpoint_table(summaries, TASKS, methods=3).splitlines()[2:]}
-  assert sorted(rows) == ['control', 'jtr', 'ours']
-  half = stats.t.ppf(1 - 0.05 / 6, 3) * 0.5
-  mean = between * 0.5
-  assert rows['ours'][3:7] == [f'{mean:+.2f} [{mean - half:+.2f}, {mean + half:+.2f}]',
-                               '98.3%', f'{half:.2f}', 'no']
-  assert rows['jtr'][6] == 'no'
-  assert rows['control'][4:7] == ['95.0%', f'{t95 * 0.5:.2f}', 'yes']
-  assert rows['ours'][7].startswith('depth/rmse +2.50 [') and 'semseg' not in rows['ours'][7]
-  alone = summarize.endpoint_table({'ours': cell(1.0)}, TASKS, methods=1)
-  assert alone.splitlines()[2].split(' | ')[4:7] == ['95.0%', f'{t95 * 0.5:.2f}', 'yes']
+               'control': cell(1.0, 'control'), 'hard': cell(1.0, 'hard'),
+               'mtpsl': cell(2.0, 'mtpsl', difference(1.0, n=1))}
+  def rows(table):
+    return {line.split(' | ')[0][2:]: line[:-2].split(' | ') for line in table.splitlines()[2:]}
+  tasks = ('semseg', 'depth', 'sal')
+  table = rows(summarize.endpoint_table(summaries, tasks, methods=3))
+  assert sorted(table) == ['control', 'jtr', 'mtpsl', 'ours']
+  mean, half = between * 0.5, 4.857 * 0.5  # t(1 - 0.05 / 6, 3 degrees of freedom) = 4.857
+  assert table['ours'][3:7] == [f'{mean:+.2f} [{mean - half:+.2f}, {mean + half:+.2f}]',
+                                '98.3%', f'{half:.2f}', 'no']
+  assert table['jtr'][6] == 'no'
+  assert table['mtpsl'][2:7] == ['1', '+0.50 (1 seed)', '98.3%', '-', 'too few seeds']
+  assert table['control'][4:7] == ['95.0%', f'{t95 * 0.5:.2f}', 'yes']
+  assert table['ours'][7] == f'depth/rmse +2.50 [{2.5 - half:+.2f}, {2.5 + half:+.2f}]'
+  assert table['control'][7].startswith('sal/maxF +') and table['control'][7].endswith(
+      'at 95%: yes')
+  alone = rows(summarize.endpoint_table({'ours': cell(1.0)}, tasks, methods=1))
+  assert alone['ours'][4:7] == ['95.0%', f'{t95 * 0.5:.2f}', 'yes']
+
+
+def test_the_bonferroni_family_is_the_designs_methods():
+  assert design.compared_methods([0.0, 1.0], design.parse_arms(
+      ['control:1', 'jtr:1', 'mtpsl:2'])) == 3
+  assert design.compared_methods([0.0, 0.3, 1.0], design.parse_arms(['control:1'])) == 2
+  with pytest.raises(ValueError, match="--arms: 'jtr' is given twice"):
+    design.parse_arms(['jtr:1', 'jtr:2'])

@@ -23,6 +23,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 from cmtdp_jax import tasks as tasks_lib
+from cmtdp_jax.data import synthetic
 
 
 CONTINUOUS_KINDS = (tasks_lib.DEPTH, tasks_lib.NORMALS)
@@ -41,6 +42,8 @@ def source_pairs(task_names, continuous: bool) -> tuple[tuple[str, str], ...]:
 REGULARIZER_ARMS = ('mtpsl', 'jtr')
 CONTROL_ARM = 'control'
 ARMS = (*REGULARIZER_ARMS, CONTROL_ARM)
+CONTROL_DERIVATION = 'sal_from_semseg'
+CONTROL_TASK = synthetic.LABEL_DERIVATIONS[CONTROL_DERIVATION][0]  # whose labels it fills
 
 
 # The roles of a comparison's cells in its pre-registered endpoints (summarize.endpoint_table):
@@ -59,6 +62,13 @@ def endpoint_role(cell: 'Cell') -> str | None:
   return METHOD if cell.extra in ('', *REGULARIZER_ARMS) else None
 
 
+def compared_methods(weights, arms) -> int:
+  """How many methods the design compares in each regime and training size: the Bonferroni
+  family of its endpoints, whichever of their cells have records yet."""
+  cells = [Cell(0, w) for w in weights] + [Cell(0, w, name) for name, w in arms]
+  return sum(endpoint_role(cell) == METHOD for cell in cells)
+
+
 def parse_arms(values) -> list[tuple[str, float]]:
   """`--arms` entries 'name:weight' as (name, weight)."""
   arms = []
@@ -71,6 +81,8 @@ def parse_arms(values) -> list[tuple[str, float]]:
     if name not in ARMS or weight <= 0:
       raise ValueError(f"--arms: '{value}' is not name:weight with a name of "
                        f"{', '.join(ARMS)} and a weight > 0")
+    if name in dict(arms):
+      raise ValueError(f"--arms: '{name}' is given twice")
     arms.append((name, weight))
   return arms
 
@@ -138,7 +150,7 @@ def cell_config(config, train_size: int, weight: float, extra: str, seed: int,
     config.regularizer.name = extra
     config.regularizer.weight = weight
   elif extra == CONTROL_ARM:
-    config.data.derive_labels = 'sal_from_semseg'
+    config.data.derive_labels = CONTROL_DERIVATION
   elif extra:
     config.contrastive.update(extra_overrides(extra, config.tasks))
   partial, fraction = regime_labels(regime)

@@ -267,14 +267,14 @@ def run_study(config, workdir: str, results_dir: str, weights, train_sizes, seed
                f'{pilot_steps or config.num_steps} steps, seeds '
                f'{",".join(map(str, pilot_seeds))}, best {pilot_best}')
   text = header + '\n\n' + table + '\n'
-  methods = (len([w for w in grid_weights if w > 0])
-             + len([name for name, _ in arms if name in design.REGULARIZER_ARMS]))
+  methods = design.compared_methods(grid_weights, arms)
   endpoints = summarize.endpoint_table(grid, tasks, methods) if arms else ''
   if endpoints:
     text += ('\nEndpoints: each method\'s delta_m against λ 0 of its regime, Bonferroni over '
-             'the regime\'s methods, the control\'s at 95%; shown = the interval excludes 0; '
-             'the half-width is the smallest effect these seeds could show:\n\n' + endpoints
-             + '\n')
+             f'the {methods} methods this command compares '
+             '(--weights > 0 and the regularizer --arms), the control\'s at 95%; shown = the '
+             'interval excludes 0, so with the same spread only an effect beyond the '
+             'half-width is shown:\n\n' + endpoints + '\n')
   if split:
     text += ('\nTraining images, each task\'s primary metric on the images whose label for it '
              'was kept vs dropped (every label scored, no augmentation); differences to λ 0 of '

@@ -201,47 +201,51 @@ def split_table(summaries: dict, tasks) -> str:
                     'vs λ 0, dropped (95% CI) |', '|---|---|---|---|---|---|'] + rows)
 
 
+def _at_level(d: dict, level: float) -> tuple[str, str, str]:
+  """(interval, half-width, shown) of a paired difference at a confidence `level`."""
+  if d['se'] is None:
+    return _interval_text(d), '-', 'too few seeds'
+  half = _half_width(d['n'], d['se'], level)
+  return (_interval_text(dict(d, low=d['mean'] - half, high=d['mean'] + half)), f'{half:.2f}',
+          'yes' if abs(d['mean']) > half else 'no')
+
+
 def endpoint_table(summaries: dict, tasks, methods: int) -> str:
   """A comparison's pre-registered endpoints (design.endpoint_role), per cell:
-  - a method's delta_m against lambda 0, Bonferroni over the `methods` the design compares in
-    each regime (level 1 - 0.05 / methods, whether or not all of them have records yet); the
-    control's at 95%;
-  - the tasks whose difference on the training images with their label dropped excludes 0,
-    Bonferroni over the tasks (level 1 - 0.05 / tasks).
-  An effect is shown when its interval excludes 0; the half-width is the smallest effect the
-  cell's seeds could show at that level."""
-  roles = {name: design.endpoint_role(design.Cell(s['train_size'], s['weight'], s['extra'],
-                                                  s['regime'], s['pilot']))
-           for name, s in summaries.items()}
+  - a method's delta_m against lambda 0, Bonferroni over the `methods` compared in each
+    regime and training size (level 1 - 0.05 / methods); the control's at 95%;
+  - a method's tasks whose difference on the training images with their label dropped is
+    shown, Bonferroni over the tasks (level 1 - 0.05 / tasks); for the control, the difference
+    of the task whose labels it fills (design.CONTROL_TASK) at 95%, shown or not.
+  Shown: the interval excludes 0."""
   keys = [evaluation.PRIMARY_METRICS[t] for t in tasks if t in evaluation.PRIMARY_METRICS]
-  task_level = 1.0 - 0.05 / len(keys)
+  task_level = 1.0 - 0.05 / max(len(keys), 1)
   rows = []
   for name, s in summaries.items():
-    d = s['delta_m']
-    if roles[name] is None or d is None:
+    role = design.endpoint_role(design.Cell(s['train_size'], s['weight'], s['extra'],
+                                            s['regime'], s['pilot']))
+    if role is None or s['delta_m'] is None:
       continue
-    level = 1.0 - 0.05 / methods if roles[name] == design.METHOD else 0.95
-    if d['se'] is None:
-      interval, width, verdict = _interval_text(d), '-', 'too few seeds'
+    level = 1.0 - 0.05 / methods if role == design.METHOD else 0.95
+    dropped = {key: ((s.get('split') or {}).get(f'{key}@dropped') or {}).get('difference')
+               for key in keys}
+    if role == design.METHOD:
+      shown = [f'{key} {_at_level(d, task_level)[0]}' for key, d in dropped.items()
+               if d and _at_level(d, task_level)[2] == 'yes']
+      tasks_text = '; '.join(shown) or 'none'
     else:
-      half = _half_width(d['n'], d['se'], level)
-      interval = _interval_text(dict(d, low=d['mean'] - half, high=d['mean'] + half))
-      width, verdict = f'{half:.2f}', 'yes' if abs(d['mean']) > half else 'no'
-    shown = []
-    for key in keys:
-      p = ((s.get('split') or {}).get(f'{key}@dropped') or {}).get('difference')
-      if p and p['se'] is not None:
-        task_half = _half_width(p['n'], p['se'], task_level)
-        if abs(p['mean']) > task_half:
-          shown.append(f'{key} {p["mean"]:+.2f} [{p["mean"] - task_half:+.2f}, '
-                       f'{p["mean"] + task_half:+.2f}]')
-    rows.append(f'| {name} | {roles[name]} | {d["n"]} | {interval} | {level:.1%} | {width} | '
-                f'{verdict} | {"; ".join(shown) or "none"} |')
+      key = evaluation.PRIMARY_METRICS[design.CONTROL_TASK]
+      d = dropped.get(key)
+      interval, _, verdict = _at_level(d, 0.95) if d else ('', '', '')
+      tasks_text = f'{key} {interval} at 95%: {verdict}' if d else f'{key}: not split'
+    interval, width, verdict = _at_level(s['delta_m'], level)
+    rows.append(f'| {name} | {role} | {s["delta_m"]["n"]} | {interval} | {level:.1%} | {width} '
+                f'| {verdict} | {tasks_text} |')
   if not rows:
     return ''
   return '\n'.join([f'| cell | role | seeds paired | delta_m % (interval) | level | half-width | '
-                    f'shown | dropped-label differences shown ({task_level:.1%}) |',
-                    '|---|---|---|---|---|---|---|---|'] + rows)
+                    f'shown | dropped-label differences shown ({task_level:.1%}; the control: '
+                    'the task it fills) |', '|---|---|---|---|---|---|---|---|'] + rows)
 
 
 def dropped_lines(summaries: dict) -> list[str]:
