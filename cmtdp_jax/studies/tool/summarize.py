@@ -230,14 +230,16 @@ def endpoint_table(summaries: dict, tasks, methods: int) -> str:
     dropped = {key: ((s.get('split') or {}).get(f'{key}@dropped') or {}).get('difference')
                for key in keys}
     if role == design.METHOD:
-      shown = [f'{key} {_at_level(d, task_level)[0]}' for key, d in dropped.items()
-               if d and _at_level(d, task_level)[2] == 'yes']
-      tasks_text = '; '.join(shown) or 'none'
+      at_level = {key: _at_level(d, task_level) for key, d in dropped.items() if d}
+      tasks_text = '; '.join(f'{key} {interval}' for key, (interval, _, verdict)
+                             in at_level.items() if verdict == 'yes') or 'none'
     else:
       key = evaluation.PRIMARY_METRICS[design.CONTROL_TASK]
-      d = dropped.get(key)
-      interval, _, verdict = _at_level(d, 0.95) if d else ('', '', '')
-      tasks_text = f'{key} {interval} at 95%: {verdict}' if d else f'{key}: not split'
+      if dropped.get(key):
+        interval, _, verdict = _at_level(dropped[key], 0.95)
+        tasks_text = f'{key} {interval} at 95%: {verdict}'
+      else:
+        tasks_text = f'{key}: not split'
     interval, width, verdict = _at_level(s['delta_m'], level)
     rows.append(f'| {name} | {role} | {s["delta_m"]["n"]} | {interval} | {level:.1%} | {width} '
                 f'| {verdict} | {tasks_text} |')
