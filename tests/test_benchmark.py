@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from cmtdp_jax.benchmarks import benchmark
+from cmtdp_jax.benchmarks import common
 from cmtdp_jax import data as data_lib
 from cmtdp_jax import models
 from cmtdp_jax import steps
@@ -137,7 +138,7 @@ def test_torch_reference_is_the_same_model(config_name, backbone, size):
   model = models.get_model(config.model, config.tasks, spec.num_classes)
   shapes = jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0),
                           jax.ShapeDtypeStruct((2, *size, 3), jnp.float32))
-  batch = benchmark.synthetic_batch(config, 2, size)
+  batch = common.synthetic_batch(config, 2, size)
   threads = torch.get_num_threads()
   torch.set_num_threads(1)  # OpenMP's spinning threads crawl on busy shared cores
   try:
@@ -168,7 +169,7 @@ def test_torch_invpt_supervises_the_intermediate_predictions(monkeypatch):
   threads = torch.get_num_threads()
   torch.set_num_threads(1)
   try:
-    step, info = bench_torch.train_step(config, benchmark.synthetic_batch(config, 2, (64, 64)))
+    step, info = bench_torch.train_step(config, common.synthetic_batch(config, 2, (64, 64)))
     step()
   finally:
     torch.set_num_threads(threads)

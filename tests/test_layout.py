@@ -57,6 +57,58 @@ def test_the_import_check_sees_an_import_of_the_research(tmp_path):
     module.unlink()
 
 
+def _module_name(path: pathlib.Path) -> str:
+  parts = path.relative_to(ROOT).with_suffix('').parts
+  return '.'.join(parts[:-1] if parts[-1] == '__init__' else parts)
+
+
+def package_imports() -> dict[str, set[str]]:
+  """{module: the package's modules it imports}, its own enclosing packages left out (a
+  submodule that names its package reaches an `__init__` that is already loading)."""
+  modules = {_module_name(path): path for path in ROOT.joinpath('cmtdp_jax').rglob('*.py')}
+  return {name: {other for other in _imported_modules(path)
+                 if other in modules and other != name and not name.startswith(other + '.')}
+          for name, path in modules.items()}
+
+
+def import_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+  """The groups of two or more modules that reach one another through imports (strongly
+  connected components, Tarjan's algorithm)."""
+  order, low, stack, cycles = {}, {}, [], []
+
+  def visit(node):
+    order[node] = low[node] = len(order)
+    stack.append(node)
+    for other in sorted(graph.get(node, ())):
+      if other not in order:
+        visit(other)
+        low[node] = min(low[node], low[other])
+      elif other in stack:
+        low[node] = min(low[node], order[other])
+    if low[node] == order[node]:
+      group = stack[stack.index(node):]
+      del stack[stack.index(node):]
+      if len(group) > 1:
+        cycles.append(sorted(group))
+
+  for node in sorted(graph):
+    if node not in order:
+      visit(node)
+  return cycles
+
+
+def test_no_two_modules_of_the_package_import_each_other():
+  """A circle of imports, even through function-level ones, ties two modules into one: the
+  benchmarks share their helpers through `benchmarks.common` instead."""
+  assert not import_cycles(package_imports())
+
+
+def test_the_cycle_check_finds_a_circle_through_a_third_module():
+  graph = {'a': {'b'}, 'b': {'c'}, 'c': {'a'}, 'd': {'a'}, 'e': set()}
+  assert import_cycles(graph) == [['a', 'b', 'c']]
+  assert import_cycles({'a': {'b'}, 'b': set()}) == []
+
+
 DOCUMENTS = ['README.md', *sorted(str(p.relative_to(ROOT)) for p in ROOT.glob('docs/*.md')),
              *sorted(str(p.relative_to(ROOT)) for p in ROOT.glob('cmtdp_jax/**/README.md'))]
 

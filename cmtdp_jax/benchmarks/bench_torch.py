@@ -52,6 +52,7 @@ from torch import nn
 
 from cmtdp_jax import data as data_lib
 from cmtdp_jax import tasks as tasks_lib
+from cmtdp_jax.benchmarks import common
 from cmtdp_jax.models import convert
 from cmtdp_jax.models import frameworks
 from cmtdp_jax.models.backbones import vit
@@ -337,12 +338,11 @@ def train_step(config, numpy_batch):
 
 def time_alone(config, num_steps: int, warmup: int) -> dict:
   """PyTorch's train step of `config` timed alone: the first call, `warmup` untimed steps,
-  then `num_steps` timed ones (each waited for), on `benchmark.synthetic_batch`. For models
+  then `num_steps` timed ones (each waited for), on `common.synthetic_batch`. For models
   whose two frameworks' states do not fit in memory together (InvPT ViT-L at 448x576 beside
   a 24 GB machine's other work), where `benchmark --compare_torch` cannot interleave them."""
-  from cmtdp_jax.benchmarks import benchmark  # pylint: disable=import-outside-toplevel
-  step, info = train_step(config, benchmark.synthetic_batch(config, config.batch_size,
-                                                            config.data.crop_size))
+  step, info = train_step(config, common.synthetic_batch(config, config.batch_size,
+                                                         config.data.crop_size))
   if step is None:
     raise ValueError(info['skipped'])
   peak_memory = info.pop('peak_memory')
@@ -362,7 +362,7 @@ def time_alone(config, num_steps: int, warmup: int) -> dict:
     start = time.perf_counter()
     step()
     seconds.append(time.perf_counter() - start)
-  results['step_time_s'] = benchmark.step_stats(seconds)
+  results['step_time_s'] = common.step_stats(seconds)
   results['seconds'] = seconds
   results['images_per_s'] = config.batch_size / results['step_time_s']['median']
   results['peak_memory_bytes'] = peak_memory()

@@ -45,6 +45,7 @@ from cmtdp_jax import data as data_lib
 from cmtdp_jax import sharding
 from cmtdp_jax import steps
 from cmtdp_jax import tasks as tasks_lib
+from cmtdp_jax.benchmarks.common import step_stats, synthetic_batch
 
 # Peak dense TFLOP/s per JAX device (no sparsity), from the vendors' data sheets;
 # first matching `device_kind` substring wins. 'float32' is what float32 convs and
@@ -77,30 +78,6 @@ def peak_flops(device_kind: str, dtype: str) -> float | None:
     if pattern.lower() in device_kind.lower():
       return None if peaks[dtype] is None else peaks[dtype] * 1e12
   return None
-
-
-def synthetic_batch(config, batch_size: int, image_size, seed: int = 0):
-  """Random images and labels in the pipeline's dtypes and label conventions."""
-  rng = np.random.default_rng(seed)
-  shape = (batch_size, *image_size)
-  num_classes = data_lib.get_dataset_spec(config.data.name).num_classes
-  batch = {'image': rng.standard_normal(shape + (3,), np.float32)}
-  for name in config.tasks:
-    task = tasks_lib.get_task(name)
-    if task.label_kind == tasks_lib.DEPTH:
-      batch[name] = rng.uniform(0.5, 10.0, shape).astype(np.float32)
-    elif task.label_kind == tasks_lib.NORMALS:
-      normals = rng.standard_normal(shape + (3,)).astype(np.float32)
-      batch[name] = normals / np.linalg.norm(normals, axis=-1, keepdims=True)
-    else:  # binary tasks (one output channel) have labels 0 / 1
-      batch[name] = rng.integers(0, max(task.num_outputs(num_classes), 2), shape, np.int32)
-  return batch
-
-
-def step_stats(seconds) -> dict[str, float]:
-  p10, median, p90 = np.percentile(seconds, [10, 50, 90])
-  return {'median': float(median), 'p10': float(p10), 'p90': float(p90),
-          'mean': float(np.mean(seconds)), 'count': len(seconds)}
 
 
 def _timed_calls(fn, count):

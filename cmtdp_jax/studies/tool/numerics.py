@@ -87,7 +87,7 @@ def numerics_fingerprint(config, probe_steps: int = 2) -> dict:
   import jax  # pylint: disable=import-outside-toplevel
   import jaxlib  # pylint: disable=import-outside-toplevel
   from cmtdp_jax import sharding, steps  # pylint: disable=import-outside-toplevel
-  from cmtdp_jax.benchmarks import benchmark  # pylint: disable=import-outside-toplevel
+  from cmtdp_jax.benchmarks import common  # pylint: disable=import-outside-toplevel
   probes = {}
   for name, enable, partial in (('off', False, False), ('on', True, False),
                                 ('partial', True, True)):
@@ -101,7 +101,7 @@ def numerics_fingerprint(config, probe_steps: int = 2) -> dict:
     with jax.set_mesh(mesh):
       built = steps.setup(probe, mesh)
       state, train_step = built.init(steps.init_key(probe.seed)), built.train_step
-      batch = benchmark.synthetic_batch(probe, probe.batch_size, probe.data.crop_size)
+      batch = common.synthetic_batch(probe, probe.batch_size, probe.data.crop_size)
       if partial:
         rows = np.arange(probe.batch_size) % len(probe.tasks)
         batch['labelled'] = {t: rows == i for i, t in enumerate(sorted(probe.tasks))}
