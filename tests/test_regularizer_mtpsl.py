@@ -30,12 +30,13 @@ import functools
 import os
 import sys
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cmtdp_jax.regularizers import mtpsl
+from cmtdp_jax.regularizers import layers, mtpsl
 from cmtdp_jax.regularizers.views import View
 
 GOLDEN_DIR = os.path.join(os.path.dirname(__file__), 'golden')
@@ -348,6 +349,36 @@ def test_gumbel_hard_is_straight_through():
   soft = lambda x: jnp.sum(jax.nn.softmax(x + noise, axis=-1) * weights)  # noqa: E731
   np.testing.assert_allclose(jax.grad(lambda x: jnp.sum(mtpsl.gumbel_hard(x, noise) * weights))(
       logits), jax.grad(soft)(logits), rtol=1e-6)
+
+
+def test_conv3x3_is_nn_conv_with_its_kernel_gradient_summed_in_another_order():
+  """MTPSL's convs (`layers.Conv3x3`): nn.Conv's parameters, value and input gradient exactly;
+  on CPU the kernel gradient is nine matmuls (the lowered gradient has two convolutions, not
+  three), the same sum as XLA's in another order. float64, so the orders differ by rounding
+  only: sums of 3 * 6 * 8 = 144 terms of size ~1 round at ~1e-14, far inside 1e-10; a wrong
+  tap or a transposed kernel is off by O(1)."""
+  with jax.enable_x64(True):
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(3, 6, 8, 4)))
+    ours = layers.Conv3x3(5, kernel_init=mtpsl.CONV_INIT)
+    reference = nn.Conv(5, (3, 3), padding=((1, 1), (1, 1)), kernel_init=mtpsl.CONV_INIT)
+    params = reference.init(jax.random.key(0), x)
+    assert jax.tree.map(jnp.shape, ours.init(jax.random.key(0), x)) == jax.tree.map(
+        jnp.shape, params)
+    params = jax.tree.map(lambda v: v + 0.1, params)  # a nonzero bias
+    np.testing.assert_array_equal(ours.apply(params, x), reference.apply(params, x))
+
+    def grads(module):
+      loss = lambda p, x: jnp.sum(jnp.sin(module.apply(p, x)))  # noqa: E731
+      step = jax.jit(jax.grad(loss, argnums=(0, 1)))
+      return step(params, x), step.lower(params, x).as_text().count('stablehlo.convolution')
+
+    (ours_params, ours_input), ours_convs = grads(ours)
+    (want_params, want_input), want_convs = grads(reference)
+    assert (ours_convs, want_convs) == (2, 3)
+    np.testing.assert_array_equal(ours_input, want_input)
+    np.testing.assert_array_equal(ours_params['params']['bias'], want_params['params']['bias'])
+    np.testing.assert_allclose(ours_params['params']['kernel'], want_params['params']['kernel'],
+                               rtol=1e-10, atol=1e-10)
 
 
 def test_cosine_similarity_is_torchs():

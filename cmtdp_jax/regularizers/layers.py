@@ -3,6 +3,8 @@
 Both call their network on one image at a time in train mode, so BatchNorm normalises with
 that image's statistics (`ImageNorm`); both sample semseg with a hard Gumbel-softmax
 (`gumbel_hard`) and compare maps with torch 2.x's `F.cosine_similarity` (`cosine_similarity`).
+MTPSL's network, hundreds of small 3x3 convolutions per step, uses `Conv3x3`: its kernel
+gradient is cheaper on CPU.
 """
 
 from __future__ import annotations
@@ -13,6 +15,69 @@ import jax.numpy as jnp
 
 BN_EPSILON = 1e-5  # torch's BatchNorm2d
 COSINE_EPSILON = 1e-12  # MTPSL model/mapfns.py, JTR code/models/nyuv2_segnet_jtr.py
+_NHWC = ('NHWC', 'HWIO', 'NHWC')
+
+
+def _conv3x3(x, kernel):
+  return jax.lax.conv_general_dilated(x, kernel, (1, 1), ((1, 1), (1, 1)),
+                                      dimension_numbers=_NHWC)
+
+
+def conv3x3_kernel_gradient(x, grad):
+  """d(sum(grad * conv3x3(x, k))) / dk as nine matmuls, one per kernel tap: the tap (dy, dx)
+  pairs x shifted by (dy - 1, dx - 1) with grad, summed over images and positions."""
+  height, width, channels = x.shape[1:]
+  padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+  grad = grad.reshape(-1, grad.shape[-1])
+  taps = [jnp.dot(padded[:, dy:dy + height, dx:dx + width].reshape(-1, channels).T, grad)
+          for dy in range(3) for dx in range(3)]
+  return jnp.stack(taps).reshape((3, 3) + taps[0].shape)
+
+
+def _xla_kernel_gradient(x, grad, kernel):
+  return jax.vjp(lambda k: _conv3x3(x, k), kernel)[1](grad)[0]
+
+
+@jax.custom_vjp
+def conv3x3(x, kernel):
+  """`nn.Conv`'s 3x3, stride 1, zero padding 1 convolution of NHWC `x` with an HWIO kernel.
+
+  Same value and input gradient. On CPU the kernel gradient is `conv3x3_kernel_gradient`, the
+  same sum in another order: XLA:CPU computes it as a convolution contracting the batch, 1.1
+  to 4 times slower than the matmuls at MTPSL's shapes (288 maps of 96x96x16 to 12x12x128,
+  measured 2026-12-07). Elsewhere it is XLA's own (cuDNN's on GPU)."""
+  return _conv3x3(x, kernel)
+
+
+def _conv3x3_forward(x, kernel):
+  return _conv3x3(x, kernel), (x, kernel)
+
+
+def _conv3x3_backward(residuals, grad):
+  x, kernel = residuals
+  _, input_vjp = jax.vjp(lambda inputs: _conv3x3(inputs, kernel), x)
+  kernel_grad = jax.lax.platform_dependent(
+      x, grad, kernel, cpu=lambda x, grad, _: conv3x3_kernel_gradient(x, grad),
+      default=_xla_kernel_gradient)
+  return input_vjp(grad)[0], kernel_grad
+
+
+conv3x3.defvjp(_conv3x3_forward, _conv3x3_backward)
+
+
+class Conv3x3(nn.Module):
+  """`nn.Conv(features, (3, 3), padding=1)` with bias (same parameters, names and value),
+  through `conv3x3`."""
+  features: int
+  kernel_init: nn.initializers.Initializer = nn.linear.default_kernel_init
+
+  @nn.compact
+  def __call__(self, x):
+    kernel = self.param('kernel', self.kernel_init, (3, 3, x.shape[-1], self.features),
+                        jnp.float32)
+    bias = self.param('bias', nn.initializers.zeros, (self.features,), jnp.float32)
+    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias)
+    return conv3x3(x, kernel) + bias
 
 
 class ImageNorm(nn.Module):

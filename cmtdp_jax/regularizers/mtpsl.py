@@ -35,7 +35,8 @@ widths[0], then SegNet's encoder (per stage an `encoder_block` conv and one
 (first two stages) or two (later stages) `conv_block_enc` convs, then a 2x2
 max-pool) where every conv is a `conv_task`: conv3x3 with bias, BN, FiLM with
 the pair's row of a [T(T-1), C] gamma / beta table, ReLU. The output is the
-last max-pool, so its size and width must be the bottleneck's.
+last max-pool, so its size and width must be the bottleneck's. Its convolutions are
+`layers.Conv3x3`: nn.Conv's value and parameters, with a cheaper kernel gradient on CPU.
 
 BatchNorm: MTPSL only runs the network in train mode, one image at a time, so
 every BN normalises with the statistics of the one image it sees (biased
@@ -80,7 +81,7 @@ import jax.numpy as jnp
 
 from cmtdp_jax import tasks as tasks_lib
 from cmtdp_jax.models.backbones.segnet import CONV_INIT, max_pool_with_argmax
-from cmtdp_jax.regularizers.layers import ImageNorm, cosine_similarity, gumbel_hard
+from cmtdp_jax.regularizers.layers import Conv3x3, ImageNorm, cosine_similarity, gumbel_hard
 DEPTH_EPSILON = 1e-12  # pre_process_pred / pre_process_gt: x / (x.max() + 1e-12)
 FILM = 'film'  # the submodule holding a conv_task's gamma and beta tables
 
@@ -167,8 +168,7 @@ class ConvTask(nn.Module):
 
   @nn.compact
   def __call__(self, x, pair):
-    x = nn.Conv(self.features, (3, 3), padding=((1, 1), (1, 1)), kernel_init=CONV_INIT,
-                name='conv')(x)
+    x = Conv3x3(self.features, kernel_init=CONV_INIT, name='conv')(x)
     x = ImageNorm(name='bn')(x)
     return nn.relu(FiLM(self.num_pairs, name=FILM)(x, pair))
 
@@ -304,8 +304,8 @@ class MTPSL(nn.Module):
     # Per-task input layers, shared by a task's predictions (as source) and labels (as target).
     first = self.widths[0]
     input_layers = [
-        (nn.Conv(first, (3, 3), padding=((1, 1), (1, 1)), kernel_init=CONV_INIT,
-                 name=f'pred_encoder_source_{i}_0'), ImageNorm(name=f'pred_encoder_source_{i}_1'))
+        (Conv3x3(first, kernel_init=CONV_INIT, name=f'pred_encoder_source_{i}_0'),
+         ImageNorm(name=f'pred_encoder_source_{i}_1'))
         for i in range(num_tasks)]
 
     def input_layer(index, maps):
