@@ -7,6 +7,7 @@ import re
 import signal
 import subprocess
 import sys
+import textwrap
 
 import jax
 import numpy as np
@@ -261,6 +262,22 @@ def test_unwritable_workdir_gives_one_line_error(tmp_path):
   assert proc.returncode != 0
   last = proc.stderr.strip().splitlines()[-1]
   assert last.startswith('error: --workdir') and 'not writable' in last
+
+
+def test_commands_freeze_the_heap_only_after_their_own_exit_handlers():
+  """`config_lib.run` leaves the objects alive at exit to the OS (gc.freeze), but only
+  after every exit handler the command registers (Orbax's, jax.distributed's) has run."""
+  program = textwrap.dedent("""
+      import atexit, gc
+      from cmtdp_jax import config_lib
+      atexit.register(lambda: print('before run:', gc.get_freeze_count() > 0))
+      def main(argv):
+        atexit.register(lambda: print('in main:', gc.get_freeze_count() > 0))
+      config_lib.run(main)
+  """)
+  proc = subprocess.run([sys.executable, '-c', program], cwd=ROOT, capture_output=True,
+                        text=True, timeout=300, check=True)
+  assert proc.stdout.splitlines() == ['in main: False', 'before run: True'], proc.stdout
 
 
 def flatten_params(tree, prefix=''):

@@ -392,7 +392,7 @@ def main(argv, flag_values):
 
 if __name__ == '__main__':
   # pylint: disable=import-outside-toplevel
-  from absl import app, flags
+  from absl import flags
   from ml_collections import config_flags
 
   from cmtdp_jax import config_lib
@@ -402,4 +402,4 @@ if __name__ == '__main__':
   flags.DEFINE_integer('warmup', 1, 'Untimed steps after the first call.')
   flags.DEFINE_string('json', None, 'Where to write the results as JSON.')
   flags.mark_flags_as_required(['config'])
-  app.run(lambda argv: main(argv, flags.FLAGS), flags_parser=config_lib.parse_flags)
+  config_lib.run(lambda argv: main(argv, flags.FLAGS))

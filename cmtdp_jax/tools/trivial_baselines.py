@@ -10,7 +10,7 @@ scored with the same metrics and the same eval pipeline as the models.
 from __future__ import annotations
 
 import numpy as np
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
 from cmtdp_jax import config_lib
@@ -78,4 +78,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main, flags_parser=config_lib.parse_flags)
+  config_lib.run(main)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import sys
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
 from cmtdp_jax import config_lib
@@ -80,4 +80,4 @@ def _run_from_flags():
 
 if __name__ == '__main__':
   define_flags()
-  app.run(main, flags_parser=config_lib.parse_flags)
+  config_lib.run(main)
